@@ -1,0 +1,56 @@
+# sealserve — the two commands a new user needs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Torch first, so the rest resolves against it. The default takes the CPU build that pip finds
+# locally (a find-links wheel) instead of a multi-GB CUDA download; on a GPU node set, e.g.,
+# TORCH_SPEC='torch>=2.4'.
+TORCH_SPEC ?= torch==2.13.0
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: help install install-test serve test test-unit test-integration lint bench clean
+
+help:
+	@echo "make serve   set up .venv, build demo models if needed, start the service on PORT ($(PORT))"
+	@echo "make test    set up .venv with the test extra and run the whole suite"
+	@echo "make lint    ruff + mypy"
+	@echo "make bench   run the benchmarks in bench/ (reports in bench/reports/)"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(PY) -m deployments.launch --port $(PORT)
+
+test: install-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install-test
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: install-test
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: install-test
+	$(VENV)/bin/ruff check deployments lib tests bench
+	$(VENV)/bin/mypy
+
+bench: install-test
+	$(PY) -m bench.sealing
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
