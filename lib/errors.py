@@ -130,3 +130,9 @@ class ConfigurationError(SealserveError):
     """The service is misconfigured; raised at start, never per request."""
 
     code = "configuration_error"
+
+
+class IntegrityError(ServiceUnavailableError):
+    """Sealed data failed verification: tampered, truncated, reordered, or the wrong key."""
+
+    code = "integrity_error"
