@@ -1,0 +1,150 @@
+"""Request and response models of the HTTP API and of the Python handle API.
+
+The same pydantic models travel over HTTP (FastAPI validates them) and through Ray deployment
+handles (other Ray applications pass them directly), so both paths validate identically.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ModelKind = Literal["text-to-image", "image-classification"]
+ModelStatus = Literal["available", "sealed", "error"]
+ModelSource = Literal["local", "sealed"]
+
+MAX_PROMPT_CHARS = 1000
+MAX_SEED = 2**32 - 1
+
+
+class _Request(BaseModel):
+    # Unknown fields are an error: a misspelt parameter must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _multiple_of_8(value: int) -> int:
+    if value % 8:
+        raise ValueError("must be a multiple of 8")
+    return value
+
+
+class InferRequest(_Request):
+    """Text-to-image request (`POST /v1/infer`)."""
+
+    id: str = Field(min_length=1, max_length=128, description="Client's unique id of the request.")
+    model_id: str = Field(
+        min_length=1, max_length=128, description="Id (SHA-256) of a text-to-image model."
+    )
+    prompt: str = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS, description="What to generate (max 1000 chars)."
+    )
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="What to steer away from."
+    )
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=150, description="Denoising steps, 1-150 (default DEFAULT_INFERENCE_STEPS=30)."
+    )
+    guidance_scale: float | None = Field(
+        None, ge=1.0, le=20.0, description="Classifier-free guidance, 1.0-20.0 (default 7.5)."
+    )
+    width: int = Field(512, ge=256, le=1024, description="Image width, 256-1024, multiple of 8.")
+    height: int = Field(512, ge=256, le=1024, description="Image height, 256-1024, multiple of 8.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of the first image (random when absent)."
+    )
+    num_images: int = Field(1, ge=1, le=4, description="Images to generate, 1-4.")
+
+    _dims = field_validator("width", "height")(_multiple_of_8)
+
+
+class GeneratedImage(BaseModel):
+    base64: str = Field(description="PNG image, base64-encoded.")
+    seed: int = Field(description="Seed that reproduces exactly this image with num_images=1.")
+    width: int
+    height: int
+
+
+class InferResponse(BaseModel):
+    id: str
+    model_id: str
+    images: list[GeneratedImage]
+    processing_time: float = Field(description="Seconds spent generating.")
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+
+
+class ClassifyRequest(_Request):
+    """Image classification request (`POST /v1/classify`)."""
+
+    image: str = Field(
+        min_length=1, description="The image: base64, or a data URL (data:image/png;base64,...)."
+    )
+    filename: str | None = Field(None, max_length=255, description="Original file name, if any.")
+    top_k: int = Field(5, ge=1, le=20, description="How many labels to return, 1-20.")
+    model_id: str | None = Field(
+        None, max_length=128, description="Id or name of an image-classification model."
+    )
+
+
+class Prediction(BaseModel):
+    label: str
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    model: str = Field(description="Id of the model that classified the image.")
+
+
+class ModelInfo(BaseModel):
+    """One catalog entry."""
+
+    id: str = Field(description="SHA-256 of the model file (a digest over the files of a directory).")
+    name: str
+    size: int = Field(description="Bytes on disk (plaintext size for sealed models).")
+    path: str | None = Field(None, description="Local path (local models).")
+    source: ModelSource = "local"
+    extension: str = Field(description="File extension, or '' for a model directory.")
+    kind: ModelKind | None = Field(None, description="None when the file could not be recognised.")
+    status: ModelStatus
+    error: str | None = Field(None, description="Why the model cannot be used (status 'error').")
+    num_labels: int | None = Field(None, description="Number of labels of a classifier.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+    count: int
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+class DeploymentHealth(BaseModel):
+    """What a model deployment replica reports about itself."""
+
+    deployment: str
+    device: str
+    dtype: str
+    loaded_models: list[str]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    ready: bool
+    version: str
+    device: str
+    deployments: list[DeploymentHealth]
+    models: int = Field(description="Models in the catalog.")
+    errors: list[str] = Field(default_factory=list)

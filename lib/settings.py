@@ -1,0 +1,169 @@
+"""Typed settings of the sealserve application.
+
+``AppSettings`` are the application arguments of ``serve_config.yaml`` (validated by
+``build_app``). A field absent from the args falls back to its environment variable (the names
+users of earlier inference services expect: ``MODEL_DIRS``, ``MODEL_SCAN_INTERVAL``, ...), then to
+its default. Secrets never travel in the args: ``Secrets.from_env`` reads them where they are used.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as pysecrets
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from lib.errors import ConfigurationError
+
+Environment = Literal["development", "production"]
+
+# Field name -> environment variable consulted when the app args leave the field out.
+ENV_VARS: dict[str, str] = {
+    "environment": "SEALSERVE_ENV",
+    "state_dir": "SEALSERVE_STATE_DIR",
+    "model_dirs": "MODEL_DIRS",
+    "model_scan_interval": "MODEL_SCAN_INTERVAL",
+    "default_inference_steps": "DEFAULT_INFERENCE_STEPS",
+    "default_guidance_scale": "DEFAULT_GUIDANCE_SCALE",
+    "cors_origins": "CORS_ORIGINS",
+    "request_timeout_s": "REQUEST_TIMEOUT_S",
+}
+
+# Values that ship in examples and must never guard a production deployment.
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "secret", "changeme", "change-me", "your-secure-secret-key", "dev", "development"}
+)
+MIN_SECRET_BYTES = 32
+DEV_API_KEY_FILE = "dev-api-key"
+DEV_SECRET_FILE = "dev-secret-key"  # noqa: S105 - a file name, not a secret
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class AppSettings(BaseModel):
+    """Arguments of the sealserve application (``args:`` in serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    environment: Environment = Field(
+        "development",
+        description="'development' allows generated secrets and the local dev API key; "
+        "'production' refuses to start without real secrets.",
+    )
+    state_dir: str = Field(
+        ".sealserve", description="Directory for local state: dev key, dev secret, SQLite files."
+    )
+    model_dirs: list[str] = Field(
+        default_factory=lambda: ["ai-models/"],
+        description="Directories scanned for local models (comma-separated in MODEL_DIRS).",
+    )
+    model_scan_interval: float = Field(
+        10.0, gt=0, le=3600, description="Seconds between two scans of the model directories."
+    )
+    default_inference_steps: int = Field(
+        30, ge=1, le=150, description="num_inference_steps when a request leaves it out."
+    )
+    default_guidance_scale: float = Field(
+        7.5, ge=1.0, le=20.0, description="guidance_scale when a request leaves it out."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"], description="Allowed CORS origins (comma-separated)."
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Longest time the ingress waits for a model deployment."
+    )
+    max_body_bytes: int = Field(
+        20 * 1024 * 1024, gt=0, description="Largest accepted request body; larger is 413."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, gt=0, description="Largest decoded image accepted by /v1/classify."
+    )
+    default_classifier: str | None = Field(
+        None,
+        description="Model id or name used by /v1/classify when the request names none; "
+        "default: the first image-classification model of the catalog by name.",
+    )
+    max_models_per_replica: int = Field(
+        2, ge=1, le=16, description="Models a model replica keeps loaded (LRU) when multiplexing."
+    )
+    jwt_issuer: str = Field("sealserve", description="Required `iss` of accepted JWTs.")
+    jwt_audience: str = Field("sealserve-api", description="Required `aud` of accepted JWTs.")
+
+    _csv = field_validator("model_dirs", "cors_origins", mode="before")(_split_csv)
+
+    @classmethod
+    def from_args(
+        cls, args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> AppSettings:
+        """Validate app args, taking each missing field from its environment variable."""
+        env = os.environ if env is None else env
+        merged: dict[str, Any] = dict(args or {})
+        for field, var in ENV_VARS.items():
+            if field not in merged and env.get(var):
+                merged[field] = env[var]
+        return cls.model_validate(merged)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+
+class Secrets(BaseModel):
+    """Secrets of the ingress, read from the environment of the process that uses them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret_key: SecretStr = Field(description="HMAC secret for JWTs (SECRET_KEY, >= 32 bytes).")
+    api_keys: tuple[SecretStr, ...] = Field(
+        (), description="Bootstrap API keys (API_KEYS, comma-separated)."
+    )
+
+    @classmethod
+    def from_env(cls, settings: AppSettings, env: Mapping[str, str] | None = None) -> Secrets:
+        """Read the secrets; in development, generate what is missing and keep it in state_dir.
+
+        Outside development a missing, short or placeholder SECRET_KEY refuses to start.
+        """
+        env = os.environ if env is None else env
+        secret = env.get("SECRET_KEY", "")
+        keys = [SecretStr(k) for k in _split_csv(env.get("API_KEYS", ""))]
+        if settings.environment == "development":
+            if not secret:
+                secret = read_or_create_secret(settings.state_path / DEV_SECRET_FILE)
+            keys.append(SecretStr(read_or_create_secret(settings.state_path / DEV_API_KEY_FILE)))
+        if secret.strip().lower() in PLACEHOLDER_SECRETS or len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigurationError(
+                f"SECRET_KEY must be set to a random value of at least {MIN_SECRET_BYTES} bytes "
+                f"outside development (environment={settings.environment})"
+            )
+        return cls(secret_key=SecretStr(secret), api_keys=tuple(keys))
+
+
+def read_or_create_secret(path: Path) -> str:
+    """Return the secret stored at ``path``, creating it (mode 0600) exactly once.
+
+    Several processes may race here (replicas starting together): ``O_EXCL`` makes one of them
+    the writer, and the others read what it wrote.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):
+            value = path.read_text().strip()
+            if value:
+                return value
+            time.sleep(0.05)  # the creator has opened but not yet written the file
+        raise ConfigurationError(f"{path} exists but is empty") from None
+    value = pysecrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    return value
