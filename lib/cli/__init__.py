@@ -18,6 +18,7 @@ from lib.errors import SealserveError
 # One line per command module; a module is imported only when the CLI starts.
 COMMAND_MODULES: tuple[str, ...] = (
     "lib.cli.demo",
+    "lib.cli.seal",
 )
 
 
