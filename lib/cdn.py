@@ -1,0 +1,404 @@
+"""Client for the S3-compatible store ("CDN") that holds the big parts of sealed models.
+
+One client speaks to AWS S3, MinIO, R2 or a local test server: only ``CdnConfig.endpoint_url``
+differs. Downloads are parallel ranged GETs written at their offsets into a preallocated temp
+file next to the destination, then renamed, so a reader never sees a half-written file.
+
+Errors: a missing object or bucket is :class:`~lib.errors.NotFoundError`; any other remote
+failure, once the retries are spent, is :class:`~lib.errors.UpstreamError` naming the bucket, the
+key and the class of the cause. Local filesystem errors (disk full, permissions) propagate as the
+``OSError`` they are: they are not the store's fault and retrying the network would not fix them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.response import StreamingBody
+
+from lib.cdn_config import CdnConfig
+from lib.errors import IntegrityError, NotFoundError, SealserveError, UpstreamError
+from lib.retry import RetryPolicy, call_with_retries
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_PART_SIZE = 8 * MiB
+# S3 rejects multipart parts under 5 MiB (but the last), whatever size the ranged downloads use.
+MIN_UPLOAD_PART_SIZE = 5 * MiB
+# Bounded so a range is streamed to disk instead of held whole in memory.
+_STREAM_CHUNK = 1 * MiB
+
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
+# Codes that S3 and its look-alikes send with a non-5xx status but that still mean "try again".
+_RETRYABLE_CODES = frozenset({
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "SlowDown",
+    "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "InternalError", "ServiceUnavailable",
+})
+
+
+class TransferError(Exception):
+    """The store answered, but not with the bytes it promised (short body, ignored Range)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class _AbortedError(Exception):
+    """Another range failed for good; the remaining ones stop early instead of finishing uselessly."""
+
+
+def split_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
+    """Inclusive ``(first, last)`` byte ranges covering ``[0, size)`` in order; none for ``size == 0``."""
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    if part_size < 1:
+        raise ValueError(f"part_size must be >= 1, got {part_size}")
+    return [(start, min(start + part_size, size) - 1) for start in range(0, size, part_size)]
+
+
+def range_header(first: int, last: int) -> str:
+    """The HTTP ``Range`` value for the inclusive byte range ``[first, last]``."""
+    if first < 0 or last < first:
+        raise ValueError(f"invalid byte range {first}-{last}")
+    return f"bytes={first}-{last}"
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    # boto3 re-raises some ClientErrors wrapped (S3UploadFailedError), keeping the original only
+    # as __context__; classification must see through that.
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _client_error_details(exc: ClientError) -> tuple[str, int]:
+    code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a transient failure: connection trouble, 5xx, throttling, a short body."""
+    for cause in _exception_chain(exc):
+        if isinstance(cause, TransferError):
+            return cause.retryable
+        if isinstance(cause, BotoConnectionError | HTTPClientError | IncompleteReadError):
+            return True
+        if isinstance(cause, ClientError):
+            code, status = _client_error_details(cause)
+            return status >= 500 or status == 429 or code in _RETRYABLE_CODES
+    return False
+
+
+def _is_local(exc: BaseException) -> bool:
+    # Several botocore errors also inherit OSError through requests' exceptions; those are remote.
+    return isinstance(exc, OSError) and not isinstance(exc, BotoCoreError)
+
+
+class CdnClient:
+    """Upload, inspect, download and delete objects in the bucket named by a :class:`CdnConfig`.
+
+    Thread-safe: the boto3 client is created once and shared by the download threads.
+    """
+
+    def __init__(
+        self,
+        config: CdnConfig,
+        *,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 30.0,
+        max_attempts: int = 4,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_workers: int = 4,
+        client: S3Client | None = None,
+        retry_policy: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if part_size < 1 or max_workers < 1 or max_attempts < 1:
+            raise ValueError("part_size, max_workers and max_attempts must all be >= 1")
+        self.bucket = config.bucket
+        self.endpoint_url = config.endpoint_url
+        self.part_size = part_size
+        self.max_workers = max_workers
+        self._retry = retry_policy or RetryPolicy()
+        self._sleep = sleep
+        self._client: S3Client = client or self._make_client(
+            config, connect_timeout=connect_timeout, read_timeout=read_timeout, max_attempts=max_attempts
+        )
+
+    def _make_client(self, config: CdnConfig, *, connect_timeout: float, read_timeout: float,
+                     max_attempts: int) -> S3Client:
+        boto_config = BotoConfig(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # botocore's "max_attempts" key counts retries only; "total_max_attempts" counts the
+            # first call too, which is what our max_attempts means.
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            # Every download thread (and every upload thread) needs its own pooled connection.
+            max_pool_connections=max(10, self.max_workers),
+            # botocore >= 1.36 adds CRC trailers to every upload and checks them on downloads;
+            # several S3 look-alikes reject the trailers, and a ranged GET cannot be checked
+            # against a whole-object checksum. The sealed format authenticates every byte anyway.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        # A private session: boto3's default session is shared global state and not thread-safe.
+        session = boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=config.endpoint_url,
+            region_name=config.region,
+            aws_access_key_id=config.access_key_id,
+            aws_secret_access_key=config.secret_access_key.get_secret_value(),
+            config=boto_config,
+        )
+
+    def __repr__(self) -> str:
+        return f"CdnClient(endpoint_url={self.endpoint_url!r}, bucket={self.bucket!r})"
+
+    def close(self) -> None:
+        """Release the pooled HTTP connections."""
+        self._client.close()
+
+    def _where(self, key: str | None) -> str:
+        return f"s3://{self.bucket}/{key}" if key is not None else f"s3://{self.bucket}"
+
+    def _translate(self, exc: BaseException, action: str, key: str | None) -> SealserveError:
+        """Our error for ``exc``: names the object and the class of the cause, never a credential."""
+        if isinstance(exc, SealserveError):
+            return exc
+        where = self._where(key)
+        for cause in _exception_chain(exc):
+            if isinstance(cause, ClientError):
+                code, status = _client_error_details(cause)
+                if status == 404 or code in _NOT_FOUND_CODES:
+                    return NotFoundError(f"{where} does not exist (S3 {action}: {code})")
+                return UpstreamError(f"S3 {action} of {where} failed: ClientError {code} (HTTP {status})")
+        return UpstreamError(f"S3 {action} of {where} failed: {type(exc).__name__}")
+
+    @contextmanager
+    def _our_errors(self, action: str, key: str | None) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            if _is_local(exc):
+                raise
+            raise self._translate(exc, action, key) from exc
+
+    def _remote(self, fn: Callable[[], T], action: str, key: str | None) -> T:
+        """Run one remote operation with our retries on top of botocore's, translating the failure."""
+        with self._our_errors(action, key):
+            return call_with_retries(
+                fn, policy=self._retry, retry_on=is_retryable,
+                what=f"S3 {action} {self._where(key)}", sleep=self._sleep,
+            )
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket unless it exists already (idempotent; safe to race with another node)."""
+        try:
+            self._remote(lambda: self._client.head_bucket(Bucket=self.bucket), "HeadBucket", None)
+            return
+        except NotFoundError:
+            pass  # create it below
+
+        def create() -> None:
+            try:
+                if self._client.meta.region_name in (None, "us-east-1"):
+                    # us-east-1 rejects an explicit LocationConstraint for itself.
+                    self._client.create_bucket(Bucket=self.bucket)
+                else:
+                    self._client.create_bucket(
+                        Bucket=self.bucket,
+                        CreateBucketConfiguration={"LocationConstraint": self._client.meta.region_name},  # type: ignore[typeddict-item]
+                    )
+            except ClientError as exc:
+                if _client_error_details(exc)[0] != "BucketAlreadyOwnedByYou":
+                    raise
+
+        self._remote(create, "CreateBucket", None)
+
+    def _head(self, key: str) -> tuple[int, str | None]:
+        response = self._remote(lambda: self._client.head_object(Bucket=self.bucket, Key=key), "HEAD", key)
+        return int(response["ContentLength"]), response.get("ETag")
+
+    def object_size(self, key: str) -> int:
+        """Size in bytes of the object (one HEAD request)."""
+        return self._head(key)[0]
+
+    def exists(self, key: str) -> bool:
+        """Whether the object exists (one HEAD request)."""
+        try:
+            self._head(key)
+        except NotFoundError:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing object is not an error (S3 semantics)."""
+        self._remote(lambda: self._client.delete_object(Bucket=self.bucket, Key=key), "DELETE", key)
+
+    def upload_file(self, path: Path, key: str) -> None:
+        """Upload ``path`` as ``key``; multipart in parallel above ``part_size`` (at least 5 MiB)."""
+        upload_part = max(self.part_size, MIN_UPLOAD_PART_SIZE)
+        transfer = TransferConfig(
+            multipart_threshold=upload_part,
+            multipart_chunksize=upload_part,
+            max_concurrency=self.max_workers,
+            use_threads=True,
+            # The CRT client would pick its own part sizes and retries; keep behaviour deterministic.
+            preferred_transfer_client="classic",
+        )
+        if not path.is_file():  # a local mistake: fail before any network call, and unretried
+            raise FileNotFoundError(f"no such file to upload: {path}")
+        self._remote(lambda: self._client.upload_file(str(path), self.bucket, key, Config=transfer),
+                     "PUT", key)
+
+    def download_file(self, key: str, dest: Path, *, expected_size: int | None = None) -> int:
+        """Download ``key`` to ``dest`` with parallel ranged GETs; return the number of bytes.
+
+        One HEAD gives the size and the ETag; the ranged GETs carry ``If-Match`` with that ETag,
+        so an object replaced mid-download fails (412) instead of yielding a mix of two objects.
+        ``dest`` appears only complete; on any failure no partial file is left behind.
+        """
+        started = time.monotonic()
+        size, etag = self._head(key)
+        if expected_size is not None and size != expected_size:
+            raise IntegrityError(f"{self._where(key)} is {size} bytes, expected {expected_size}")
+        ranges = split_ranges(size, self.part_size)
+        with self._our_errors("GET", key):
+            written = self._write_atomically(dest, size, lambda fd: self._fetch_ranges(key, etag, ranges, fd))
+        elapsed = time.monotonic() - started
+        log.debug(
+            "downloaded %s: %d bytes in %d ranges, %.2fs (%.1f MiB/s)",
+            self._where(key), written, len(ranges), elapsed, written / MiB / max(elapsed, 1e-9),
+        )
+        return written
+
+    def download_file_simple(self, key: str, dest: Path) -> int:
+        """Download ``key`` to ``dest`` with one plain streamed GET: the baseline for benchmarks."""
+        return self._write_atomically(
+            dest, None, lambda fd: self._remote(lambda: self._fetch_whole(key, fd), "GET", key)
+        )
+
+    def _write_atomically(self, dest: Path, size: int | None, fill: Callable[[int], int]) -> int:
+        """Let ``fill`` write a temp file beside ``dest``, check its byte count, rename it to ``dest``."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Same directory as dest, so the final rename is atomic (same filesystem).
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        tmp = Path(tmp_name)
+        try:
+            try:
+                if size is not None:
+                    # Preallocated so every range can land at its offset in any order.
+                    os.ftruncate(fd, size)
+                written = fill(fd)
+                if size is not None and written != size:
+                    raise TransferError(f"received {written} of {size} bytes", retryable=False)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return written
+
+    def _fetch_ranges(self, key: str, etag: str | None, ranges: list[tuple[int, int]], fd: int) -> int:
+        if not ranges:
+            return 0
+        abort = threading.Event()
+
+        def fetch(first: int, last: int) -> int:
+            return call_with_retries(
+                lambda: self._fetch_range(key, etag, first, last, fd, abort),
+                policy=self._retry,
+                retry_on=lambda exc: not abort.is_set() and is_retryable(exc),
+                what=f"S3 GET {self._where(key)} {range_header(first, last)}",
+                sleep=self._sleep,
+            )
+
+        workers = min(self.max_workers, len(ranges))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cdn-range") as pool:
+            futures: list[Future[int]] = [pool.submit(fetch, first, last) for first, last in ranges]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.done() and f.exception() is not None for f in futures):
+                abort.set()
+                for future in futures:
+                    future.cancel()
+            # Leaving the with-block waits for the ranges still running, so none writes after fd closes.
+        errors = [exc for f in futures if not f.cancelled() and (exc := f.exception()) is not None]
+        if errors:
+            # The aborted ranges only echo the real failure; report the one that caused it.
+            raise next((exc for exc in errors if not isinstance(exc, _AbortedError)), errors[0])
+        return sum(future.result() for future in futures)
+
+    def _fetch_range(
+        self, key: str, etag: str | None, first: int, last: int, fd: int, abort: threading.Event
+    ) -> int:
+        if abort.is_set():
+            raise _AbortedError()
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Range": range_header(first, last)}
+        if etag:
+            params["IfMatch"] = etag
+        response = self._client.get_object(**params)
+        expected = last - first + 1
+        if int(response.get("ContentLength", -1)) != expected:
+            response["Body"].close()
+            # A server that ignores Range would send the whole object and overwrite other ranges.
+            raise TransferError(f"asked for {expected} bytes, server announced "
+                                f"{response.get('ContentLength')}", retryable=False)
+        end = _stream_to_file(response["Body"], fd, first, abort)
+        if end != last + 1:
+            raise TransferError(f"short body: {end - first} of {expected} bytes")
+        return expected
+
+    def _fetch_whole(self, key: str, fd: int) -> int:
+        os.ftruncate(fd, 0)  # a retry rewrites the file from the start
+        response = self._client.get_object(Bucket=self.bucket, Key=key)
+        size = _stream_to_file(response["Body"], fd, 0, None)
+        if size != response["ContentLength"]:
+            raise TransferError(f"short body: {size} of {response['ContentLength']} bytes")
+        return size
+
+
+def _stream_to_file(body: StreamingBody, fd: int, offset: int, abort: threading.Event | None) -> int:
+    """Write ``body`` into ``fd`` from ``offset`` on, chunk by chunk; return the offset after the end."""
+    try:
+        for chunk in body.iter_chunks(_STREAM_CHUNK):
+            if abort is not None and abort.is_set():
+                raise _AbortedError()
+            view = memoryview(chunk)
+            while view:  # pwrite may write less than asked (a signal, a nearly full disk)
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+    finally:
+        body.close()
+    return offset
