@@ -440,6 +440,7 @@ def test_split_and_join_round_trip(
 @given(st.lists(st.binary(max_size=50), max_size=6), st.integers(min_value=1, max_value=64))
 def test_joined_reader_reads_parts_as_one(parts: list[bytes], n: int) -> None:
     reader = JoinedReader([io.BytesIO(p) for p in parts])
+    assert reader.read(0) == b""
     got = b""
     while chunk := reader.read(n):
         assert len(chunk) <= n
