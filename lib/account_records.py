@@ -1,0 +1,154 @@
+"""The values :class:`lib.accounts.AccountStore` takes and returns, plus scopes and the key format.
+
+All records are frozen dataclasses of plain values: they pickle across Ray process boundaries and
+never hold a database session. Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+
+from lib.db import utc_now
+from lib.errors import ValidationFailedError
+from lib.rate_limit import RateLimitSpec, parse_rate_limit
+
+API_KEY_PREFIX = "ss_"
+API_KEY_RANDOM_BYTES = 32
+# Enough of the key to tell keys apart in a listing, far too little to help guess the rest
+# (7 of 43 random characters).
+DISPLAY_PREFIX_CHARS = 10
+_API_KEY_PATTERN = re.compile(r"^ss_[A-Za-z0-9_-]{43}$")
+
+
+class Scope(str, Enum):
+    INFER = "infer"
+    CLASSIFY = "classify"
+    ADMIN = "admin"
+
+
+def parse_scopes(scopes: str | Iterable[str]) -> tuple[str, ...]:
+    """Validate scope names (a comma-separated string or an iterable) into canonical order."""
+    names = scopes.split(",") if isinstance(scopes, str) else list(scopes)
+    wanted = {str(getattr(name, "value", name)).strip().lower() for name in names}
+    wanted.discard("")
+    valid = [scope.value for scope in Scope]
+    unknown = sorted(wanted.difference(valid))
+    if unknown:
+        shown = ", ".join(repr(name[:20]) for name in unknown[:5])
+        raise ValidationFailedError(f"unknown scope(s) {shown}: expected some of {', '.join(valid)}")
+    if not wanted:
+        raise ValidationFailedError(f"at least one scope is required: {', '.join(valid)}")
+    return tuple(scope for scope in valid if scope in wanted)
+
+
+def generate_api_key() -> str:
+    """A new key: ``ss_`` and 32 random bytes, base64url without padding (46 characters)."""
+    random_part = base64.urlsafe_b64encode(secrets.token_bytes(API_KEY_RANDOM_BYTES))
+    return API_KEY_PREFIX + random_part.rstrip(b"=").decode("ascii")
+
+
+def hash_api_key(key: str) -> str:
+    """The stored form of a key: sha256 hex. Also the key cache's dictionary key."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def looks_like_api_key(candidate: str) -> bool:
+    """Cheap shape check, so garbage is rejected without hashing or a database round trip."""
+    return bool(_API_KEY_PATTERN.match(candidate))
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """An API key as stored, without its secret. ``scopes`` are :class:`Scope` values."""
+
+    id: str
+    prefix: str
+    name: str
+    scopes: tuple[str, ...]
+    rate_limit: str
+    created_at: datetime
+    owner_email: str | None = None
+    expires_at: datetime | None = None
+    revoked: bool = False
+    last_used_at: datetime | None = None
+
+    @property
+    def rate_limit_spec(self) -> RateLimitSpec:
+        return parse_rate_limit(self.rate_limit)
+
+    def has_scope(self, scope: Scope | str) -> bool:
+        return Scope(scope).value in self.scopes
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+    def is_usable(self, now: datetime) -> bool:
+        return not self.revoked and not self.is_expired(now)
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    """The result of creating a key: the only time the plaintext ``key`` exists outside its owner.
+
+    ``repr`` leaves the key out, so logging this object by accident does not leak it.
+    """
+
+    key: str = field(repr=False)
+    record: KeyRecord
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One served request, as the ingress reports it; ``timestamp`` must be timezone-aware."""
+
+    key_id: str
+    endpoint: str
+    status_code: int
+    latency_ms: float
+    model_id: str | None = None
+    image_count: int = 0
+    timestamp: datetime = field(default_factory=utc_now)
+
+    def __post_init__(self) -> None:
+        if self.timestamp.tzinfo is None:
+            raise ValueError("UsageRecord.timestamp must be timezone-aware")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code < 400
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """Totals over a set of usage records. ``success_rate`` is a fraction in [0, 1] (status < 400).
+
+    ``by_endpoint`` and ``by_model`` count requests; requests that never reached a model (e.g.
+    rejected by validation) count in the totals but not in ``by_model``.
+    """
+
+    total_requests: int
+    successful_requests: int
+    success_rate: float
+    avg_response_time_ms: float
+    total_images: int
+    by_endpoint: Mapping[str, int]
+    by_model: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class UsageStat:
+    """Totals for one group of :meth:`AccountStore.usage_stats`; ``group`` is None for no model."""
+
+    group: str | None
+    requests: int
+    successful_requests: int
+    success_rate: float
+    avg_response_time_ms: float
+    images: int
