@@ -19,6 +19,7 @@ from lib.errors import SealserveError
 COMMAND_MODULES: tuple[str, ...] = (
     "lib.cli.demo",
     "lib.cli.seal",
+    "lib.cli.keys",
 )
 
 
