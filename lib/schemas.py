@@ -60,7 +60,10 @@ class InferRequest(_Request):
 
 class GeneratedImage(BaseModel):
     base64: str = Field(description="PNG image, base64-encoded.")
-    seed: int = Field(description="Seed that reproduces exactly this image with num_images=1.")
+    seed: int = Field(
+        description="Seed of this image's noise: the same request gives the same bytes, and this "
+        "seed with num_images=1 gives the same picture."
+    )
     width: int
     height: int
 

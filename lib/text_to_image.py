@@ -1,0 +1,106 @@
+"""Stable Diffusion with diffusers: loading a pipeline and generating reproducible images."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lib.device import Device
+from lib.errors import ModelUnavailableError
+from lib.imaging import encode_png
+from lib.schemas import MAX_SEED, GeneratedImage, InferRequest, InferResponse
+from lib.settings import AppSettings
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """An InferRequest with every default resolved and the seed chosen."""
+
+    request: InferRequest
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+
+
+def resolve_params(request: InferRequest, settings: AppSettings) -> GenerationParams:
+    steps = request.num_inference_steps or settings.default_inference_steps
+    guidance = (
+        request.guidance_scale if request.guidance_scale is not None else settings.default_guidance_scale
+    )
+    seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    return GenerationParams(request, steps, guidance, seed)
+
+
+def image_seeds(first: int, count: int) -> list[int]:
+    """Seed of each image: consecutive, so each one alone regenerates its image."""
+    return [(first + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+def load_pipeline(path: Path, device: Device) -> Any:
+    """Load a text-to-image pipeline from a diffusers directory or a single checkpoint file.
+
+    Everything is local (``local_files_only``): model sources are configuration, and a replica
+    must never reach out to a hub. safetensors weights are preferred by diffusers when present.
+    """
+    from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
+
+    try:
+        if path.is_dir():
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                path, torch_dtype=device.dtype, local_files_only=True
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), torch_dtype=device.dtype, local_files_only=True
+            )
+    except Exception as exc:
+        raise ModelUnavailableError(
+            f"text-to-image model {path.name} could not be loaded ({type(exc).__name__}: {exc})"
+        ) from None
+    pipe = pipe.to(device.torch_device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe: Any, params: GenerationParams, device: Device) -> InferResponse:
+    """Run the pipeline; the same seed gives the same image bytes on the same device and weights.
+
+    Each image gets its own CPU generator (seed, seed+1, ...): CPU generators make the noise
+    independent of the accelerator, and one generator per image makes each image reproducible
+    on its own.
+    """
+    request = params.request
+    seeds = image_seeds(params.seed, request.num_images)
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = pipe(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            width=request.width,
+            height=request.height,
+            num_images_per_prompt=request.num_images,
+            generator=generators,
+            output_type="pil",
+        )
+    images = [
+        GeneratedImage(base64=encode_png(image), seed=seed, width=image.width, height=image.height)
+        for image, seed in zip(output.images, seeds, strict=True)
+    ]
+    return InferResponse(
+        id=request.id,
+        model_id=request.model_id,
+        images=images,
+        processing_time=round(time.perf_counter() - started, 4),
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+    )
