@@ -1,0 +1,142 @@
+"""Wire schemas of the resource API, shared by the server and :mod:`lib.resource_client`.
+
+Every body is JSON; bytes travel as standard base64 strings (:data:`B64Bytes`). Request bodies
+forbid unknown fields. A manifest requires the fields below and keeps any others the publisher
+adds (a manifest is a document the loader reads, and the format may grow).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+
+from lib.keywrap import PUBLIC_KEY_SIZE, WrappedSecret, b64decode, b64encode
+
+Role = Literal["publisher", "reader"]
+FetchKind = Literal["dek", "cdn"]
+UploadStatus = Literal["created", "unchanged", "replaced"]
+
+# Folder and resource names are path segments and S3-key fragments: keep them boring.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+FINGERPRINT_PATTERN = r"^[0-9a-f]{64}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+$"
+DEK_BYTES = 32
+
+
+def _from_b64(value: Any) -> Any:
+    return b64decode(value) if isinstance(value, str) else value
+
+
+B64Bytes = Annotated[
+    bytes,
+    BeforeValidator(_from_b64),
+    PlainSerializer(b64encode, return_type=str, when_used="json"),
+]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="a folder or resource name")]
+Fingerprint = Annotated[
+    str, Field(pattern=FINGERPRINT_PATTERN, description="node fingerprint: 64 lowercase hex chars")
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+class LoginRequest(_Request):
+    email: str = Field(min_length=3, max_length=320, pattern=EMAIL_PATTERN)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth token type, not a secret
+    expires_in: int = Field(description="seconds until the token expires")
+
+
+class ResourceManifest(BaseModel):
+    """What the loader needs to fetch, join, verify and open a sealed model."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str = Field(pattern=SHA256_PATTERN, description="sha256 hex of the plaintext file")
+    name: Name
+    kind: str = Field(min_length=1, max_length=64, description="e.g. text-to-image")
+    plaintext_size: int = Field(ge=0)
+    sealed_size: int = Field(ge=0)
+    small_size: int = Field(ge=0, description="bytes of the small part held by the resource API")
+    big_key: str = Field(min_length=1, max_length=1024, description="S3 object key of the big part")
+    segment_size: int = Field(gt=0)
+    is_directory: bool = Field(description="a tar of a model directory, unpacked after opening")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> ResourceManifest:
+        if self.small_size > self.sealed_size:
+            raise ValueError("small_size exceeds sealed_size")
+        return self
+
+
+class UploadRequest(_Request):
+    name: Name
+    small_part: B64Bytes = Field(description="base64 of the small part")
+    manifest: ResourceManifest
+    dek: B64Bytes = Field(description="base64 of the 32-byte data key")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> UploadRequest:
+        if len(self.dek) != DEK_BYTES:
+            raise ValueError(f"dek must be {DEK_BYTES} bytes")
+        if self.manifest.name != self.name:
+            raise ValueError("manifest.name differs from name")
+        if self.manifest.small_size != len(self.small_part):
+            raise ValueError("manifest.small_size differs from the length of small_part")
+        return self
+
+
+class UploadResponse(BaseModel):
+    folder: str
+    name: str
+    id: str
+    status: UploadStatus = Field(
+        description="created; unchanged (same id, small part, manifest and DEK); replaced"
+    )
+
+
+class NodeKeyRequest(_Request):
+    """Who a secret is released to: one process's public key on one node."""
+
+    public_key: B64Bytes = Field(description="base64 of the caller's ephemeral X25519 public key")
+    fingerprint: Fingerprint
+
+    @model_validator(mode="after")
+    def _check_key(self) -> NodeKeyRequest:
+        if len(self.public_key) != PUBLIC_KEY_SIZE:
+            raise ValueError(f"public_key must be {PUBLIC_KEY_SIZE} bytes")
+        return self
+
+
+class GetRequest(NodeKeyRequest):
+    name: Name
+
+
+class GetResponse(BaseModel):
+    manifest: ResourceManifest
+    small_part: B64Bytes
+    wrapped_key: WrappedSecret = Field(description="the DEK, wrapped with context 'dek'")
+
+
+class ListResponse(BaseModel):
+    folder: str
+    resources: list[ResourceManifest]
+
+
+class CdnResponse(BaseModel):
+    wrapped_config: WrappedSecret = Field(description="CdnConfig JSON, wrapped with context 'cdn'")
+
+
+class FetchCountResponse(BaseModel):
+    count: int
+    folder: str | None = None
+    name: str | None = None
+    kind: FetchKind | None = None
