@@ -34,7 +34,8 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 serve: install
-	$(PY) -m deployments.launch --port $(PORT)
+	$(VENV)/bin/sealserve demo-models --dir ai-models --if-missing
+	$(VENV)/bin/sealserve serve --config serve_config.yaml --port $(PORT)
 
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)

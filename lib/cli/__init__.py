@@ -18,8 +18,10 @@ from lib.errors import SealserveError
 # One line per command module; a module is imported only when the CLI starts.
 COMMAND_MODULES: tuple[str, ...] = (
     "lib.cli.demo",
+    "lib.cli.serve",
     "lib.cli.seal",
     "lib.cli.keys",
+    "lib.cli.resource_api",
 )
 
 

@@ -1,0 +1,159 @@
+"""``sealserve serve``: start a local Ray and the application from a Serve config, in the foreground.
+
+It resolves the app's paths to absolute ones (replicas may run in another working directory),
+makes sure the development secrets exist, hands the config to Ray Serve's own ``serve run`` (so
+the config means exactly what it means to ``serve deploy``), waits until ``/health`` says ready,
+and prints the URL, the development API key and a ready-to-paste ``curl`` for each endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+from lib.errors import ConfigurationError
+from lib.settings import DEV_API_KEY_FILE, AppSettings, Secrets
+
+BUILD_APP = "deployments.app:build_app"
+# No hub downloads and no usage reporting: model sources are configuration, and the machine
+# running this may be offline.
+QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="start a local Ray and sealserve in the foreground",
+        description=__doc__,
+    )
+    parser.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
+    parser.add_argument("--host", help="HTTP host (default: the config's http_options.host)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="HTTP port (default: $PORT, else the config's)"
+    )
+    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for ready")
+    parser.set_defaults(func=run_serve)
+
+
+def prepare_config(
+    config: dict[str, Any], host: str | None, port: int | None
+) -> tuple[dict[str, Any], AppSettings]:
+    """The config to run: our app's args made absolute, and HTTP host/port overridden."""
+    apps = [a for a in config.get("applications", []) if a.get("import_path") == BUILD_APP]
+    if not apps:
+        raise ConfigurationError(f"the config has no application with import_path {BUILD_APP}")
+    app = apps[0]
+    settings = AppSettings.from_args(app.get("args"))
+    app["args"] = {
+        **(app.get("args") or {}),
+        "state_dir": str(settings.state_path.absolute()),
+        "model_dirs": [str(Path(d).absolute()) for d in settings.model_dirs],
+    }
+    http = dict(config.get("http_options") or {})
+    http["host"] = host or http.get("host", "127.0.0.1")
+    http["port"] = port or int(http.get("port", 8000))
+    config["http_options"] = http
+    return config, AppSettings.from_args(app["args"])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = yaml.safe_load(args.config.read_text())
+    port = args.port or (int(os.environ["PORT"]) if os.environ.get("PORT") else None)
+    config, settings = prepare_config(config, args.host, port)
+    Secrets.from_env(settings)  # refuses bad production secrets; creates the dev key in development
+    run_config = settings.state_path / "serve_config.run.yaml"
+    run_config.parent.mkdir(parents=True, exist_ok=True)
+    run_config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    http = config["http_options"]
+    wildcard = http["host"] in ("0.0.0.0", "::")  # noqa: S104 - detecting it, not binding
+    url = f"http://{'127.0.0.1' if wildcard else http['host']}:{http['port']}"
+    serve_bin = Path(sys.executable).with_name("serve")
+    env = {**QUIET_ENV, **os.environ}
+    print(f"starting Ray Serve with {args.config} on {url} ...", flush=True)
+    process = subprocess.Popen([str(serve_bin), "run", str(run_config)], env=env)  # noqa: S603
+    try:
+        if wait_until_ready(url, process, args.ready_timeout):
+            print(banner(url, settings), flush=True)
+        return process.wait()
+    except KeyboardInterrupt:
+        # serve run shuts Serve and its local Ray down on SIGINT; give it the time to do so.
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if requests.get(f"{url}/health", timeout=5).json().get("ready"):
+                return True
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(1.0)
+    if process.poll() is None:
+        print(f"sealserve is not ready after {timeout:.0f}s; see the log above", file=sys.stderr)
+    return False
+
+
+def banner(url: str, settings: AppSettings) -> str:
+    key_file = settings.state_path / DEV_API_KEY_FILE
+    if settings.environment == "development" and key_file.exists():
+        key = key_file.read_text().strip()
+        key_line = f"development API key (kept in {key_file}): {key}"
+    else:
+        key = "$API_KEY"
+        key_line = "use one of the keys in API_KEYS as $API_KEY"
+    models = _models(url, key)
+    sd = next((m["id"] for m in models if m.get("kind") == "text-to-image"), "<text-to-image model id>")
+    auth = f"-H {shlex.quote('Authorization: Bearer ' + key)}"
+    json_header = "-H 'Content-Type: application/json'"
+    infer = {"id": "demo-1", "model_id": sd, "prompt": "a lighthouse at dusk, oil painting",
+             "num_inference_steps": 4, "width": 256, "height": 256, "seed": 42, "num_images": 1}
+    classify = {"image": _sample_png(), "top_k": 3}
+    return "\n".join([
+        "",
+        f"sealserve is ready at {url}  (OpenAPI docs: {url}/docs)",
+        key_line,
+        "",
+        f"curl -s {url}/health",
+        f"curl -s {auth} {url}/v1/models",
+        f"curl -s {auth} {url}/v1/models/{sd}",
+        f"curl -s {auth} {json_header} -d {shlex.quote(json.dumps(infer))} {url}/v1/infer",
+        f"curl -s {auth} {json_header} -d {shlex.quote(json.dumps(classify))} {url}/v1/classify",
+        "",
+        "Ctrl-C stops the service.",
+    ])
+
+
+def _models(url: str, key: str) -> list[dict[str, Any]]:
+    try:
+        response = requests.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        return list(response.json().get("models", [])) if response.ok else []
+    except (requests.RequestException, ValueError):
+        return []
+
+
+def _sample_png() -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (30, 120, 200)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
