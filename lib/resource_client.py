@@ -1,0 +1,318 @@
+"""The client of the resource API (DESIGN §3), used by ``sealserve publish`` and the ModelLoader.
+
+It logs in on first use and again on a 401 only, once per attempt: a 401 means the token expired
+or the server rotated its secret, while a 403 is a denial that another login cannot change
+(:class:`~lib.errors.PermissionDeniedError`, never retried). Connection errors, timeouts and 5xx
+answers are retried with exponential backoff and jitter (:mod:`lib.retry`); when the attempts run
+out the client raises :class:`~lib.errors.UpstreamError` naming the method and path. No message
+or log line carries the password, a token or a key.
+"""
+
+from __future__ import annotations
+
+import builtins
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import quote, urlsplit
+
+import requests
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from lib.cdn_config import CdnConfig
+from lib.errors import (
+    AuthenticationError,
+    BadRequestError,
+    IntegrityError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitedError,
+    SealserveError,
+    UnsupportedMediaTypeError,
+    UpstreamError,
+    ValidationFailedError,
+)
+from lib.keywrap import NodeKeyPair
+from lib.resource_api.schemas import (
+    DEK_BYTES,
+    CdnResponse,
+    FetchCountResponse,
+    FetchKind,
+    GetRequest,
+    GetResponse,
+    ListResponse,
+    NodeKeyRequest,
+    TokenResponse,
+    UploadRequest,
+    UploadResponse,
+)
+from lib.retry import RetryPolicy, call_with_retries
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T", bound=BaseModel)
+
+DEFAULT_TIMEOUT: tuple[float, float] = (3.05, 30.0)
+DEFAULT_RETRY = RetryPolicy()
+_ERRORS_BY_STATUS: dict[int, type[SealserveError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
+    422: ValidationFailedError,
+    429: RateLimitedError,
+}
+
+
+@dataclass(frozen=True)
+class FetchedResource:
+    """A resource as a node receives it: the DEK is unwrapped and never shown in a repr."""
+
+    manifest: dict[str, Any]
+    small_part: bytes = field(repr=False)
+    dek: bytes = field(repr=False)
+
+
+class _ServerError(Exception):
+    """A 5xx answer, raised inside an attempt so the retry loop treats it like a dropped connection."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+_TRANSIENT = (
+    requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _ServerError
+)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, _TRANSIENT)
+
+
+class ResourceClient:
+    """A logged-in session with the resource API at ``base_url``; safe to share between threads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        email: str,
+        password: str | SecretStr,
+        *,
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("base_url must be an http(s) URL")
+        self._base_url = base_url.rstrip("/")
+        # Messages name the origin without any user:password@ part of the URL.
+        self._origin = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        self.email = email
+        self._password = password if isinstance(password, SecretStr) else SecretStr(password)
+        self._timeout = timeout
+        self._retry = retry
+        self._session = session if session is not None else requests.Session()
+        self._sleep = sleep
+        self._token: str | None = None
+        self._token_lock = threading.Lock()
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            log.warning("resource API at %s is plain HTTP: passwords and uploaded keys travel unencrypted",
+                        self._origin)
+
+    def __repr__(self) -> str:
+        return f"ResourceClient(base_url={self._origin!r}, email={self.email!r})"
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- API -------------------------------------------------------------------------------------
+
+    def upload(
+        self, folder: str, name: str, small_part: bytes, manifest: dict[str, Any], dek: bytes
+    ) -> UploadResponse:
+        """Store the small part, manifest and DEK of (folder, name); see ``UploadResponse.status``."""
+        body = _validated(
+            UploadRequest, {"name": name, "small_part": small_part, "manifest": manifest, "dek": dek}
+        )
+        data = self._request("POST", f"/resources/{_segment(folder)}", json_body=body)
+        return _parse(UploadResponse, data, "POST /resources/{folder}")
+
+    def get(self, folder: str, name: str, keypair: NodeKeyPair, fingerprint: str) -> FetchedResource:
+        """Fetch (folder, name) and unwrap its DEK; :class:`IntegrityError` if the key does not open."""
+        body = _validated(
+            GetRequest, {"name": name, "public_key": keypair.public_bytes(), "fingerprint": fingerprint}
+        )
+        path = f"/resources/get/{_segment(folder)}"
+        response = _parse(GetResponse, self._request("POST", path, json_body=body), f"POST {path}")
+        dek = keypair.unwrap(response.wrapped_key, fingerprint, context="dek")
+        if len(dek) != DEK_BYTES:
+            raise IntegrityError(f"the data key of {folder}/{name} has the wrong length")
+        if len(response.small_part) != response.manifest.small_size or response.manifest.name != name:
+            raise IntegrityError(f"the small part of {folder}/{name} does not match its manifest")
+        return FetchedResource(
+            manifest=response.manifest.model_dump(mode="json"), small_part=response.small_part, dek=dek
+        )
+
+    def list(self, folder: str) -> builtins.list[dict[str, Any]]:
+        """The manifests in ``folder`` (no keys, no small parts)."""
+        path = f"/resources/{_segment(folder)}"
+        listing = _parse(ListResponse, self._request("GET", path), f"GET {path}")
+        return [manifest.model_dump(mode="json") for manifest in listing.resources]
+
+    def cdn_config(self, keypair: NodeKeyPair, fingerprint: str) -> CdnConfig:
+        body = _validated(NodeKeyRequest, {"public_key": keypair.public_bytes(), "fingerprint": fingerprint})
+        response = _parse(CdnResponse, self._request("POST", "/cdn", json_body=body), "POST /cdn")
+        plaintext = keypair.unwrap(response.wrapped_config, fingerprint, context="cdn")
+        try:
+            return CdnConfig.from_plaintext_json(plaintext)
+        except ValidationError:
+            raise UpstreamError("resource API POST /cdn released a malformed CDN config") from None
+
+    def set_cdn_config(self, config: CdnConfig) -> None:
+        """Store the CDN config (publisher only); the secret key travels in the body: use HTTPS."""
+        body = config.model_dump(mode="json")
+        body["secret_access_key"] = config.secret_access_key.get_secret_value()
+        self._request("PUT", "/cdn", json_body=body)
+
+    def fetch_count(
+        self, folder: str | None = None, name: str | None = None, kind: FetchKind | None = None
+    ) -> int:
+        """How many keys were released, filtered by folder, name and kind (publisher only)."""
+        params = {k: v for k, v in (("folder", folder), ("name", name), ("kind", kind)) if v is not None}
+        data = self._request("GET", "/stats/fetches", params=params)
+        return _parse(FetchCountResponse, data, "GET /stats/fetches").count
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", "/health", authenticated=False)
+        return result
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict[str, str] | None = None,
+        authenticated: bool = True,
+    ) -> Any:
+        what = f"resource API {method} {path}"
+
+        def attempt() -> requests.Response:
+            token = self._current_token() if authenticated else None
+            response = self._send(method, path, json_body, params, token)
+            if authenticated and response.status_code == 401:
+                self._login(stale=token)
+                response = self._send(method, path, json_body, params, self._token)
+            if response.status_code >= 500:
+                raise _ServerError(response.status_code)
+            return response
+
+        return _decode(self._with_retries(attempt, what), what)
+
+    def _with_retries(self, attempt: Callable[[], requests.Response], what: str) -> requests.Response:
+        try:
+            return call_with_retries(
+                attempt, policy=self._retry, retry_on=_is_transient, what=what, sleep=self._sleep
+            )
+        except _ServerError as exc:
+            raise UpstreamError(
+                f"{what} failed at {self._origin}: HTTP {exc.status} after {self._retry.attempts} attempts"
+            ) from None
+        except _TRANSIENT as exc:
+            raise UpstreamError(
+                f"{what} failed: {self._origin} unreachable after {self._retry.attempts} attempts "
+                f"({type(exc).__name__})"
+            ) from None
+
+    def _send(
+        self, method: str, path: str, json_body: Any, params: dict[str, str] | None, token: str | None
+    ) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self._session.request(
+            method, self._base_url + path, json=json_body, params=params, headers=headers,
+            timeout=self._timeout,
+        )
+
+    def _current_token(self) -> str | None:
+        if self._token is None:
+            self._login(stale=None)
+        return self._token
+
+    def _login(self, *, stale: str | None) -> None:
+        """Log in unless another thread already replaced the ``stale`` token meanwhile."""
+        with self._token_lock:
+            if self._token is not None and self._token != stale:
+                return
+            body = {"email": self.email, "password": self._password.get_secret_value()}
+            response = self._send("POST", "/login", body, None, None)
+            if response.status_code >= 500:
+                raise _ServerError(response.status_code)
+            if response.status_code == 401:
+                raise AuthenticationError(
+                    f"resource API at {self._origin} rejected the credentials of {self.email}"
+                )
+            data = _decode(response, "resource API POST /login")
+            self._token = _parse(TokenResponse, data, "POST /login").access_token
+            log.debug("logged in to the resource API at %s as %s", self._origin, self.email)
+
+
+def _decode(response: requests.Response, what: str) -> Any:
+    """The JSON of a 2xx answer, else the error it stands for, with the server's (safe) message."""
+    if 200 <= response.status_code < 300:
+        try:
+            return response.json()
+        except ValueError:
+            raise UpstreamError(f"{what} returned a body that is not JSON") from None
+    _raise_for(response, what)
+
+
+def _raise_for(response: requests.Response, what: str) -> NoReturn:
+    try:
+        message = str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = f"HTTP {response.status_code}"
+    error_class = _ERRORS_BY_STATUS.get(response.status_code, UpstreamError)
+    raise error_class(f"{what}: {message}")
+
+
+def _validated(model: type[BaseModel], values: dict[str, Any]) -> Any:
+    """``values`` checked against the request schema, as a JSON-ready dict; bad input never leaves."""
+    try:
+        return model.model_validate(values).model_dump(mode="json")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(part) for part in first["loc"]) or model.__name__
+        raise ValidationFailedError(f"{location}: {first['msg']}") from None
+
+
+def _parse(model: type[_T], data: Any, what: str) -> _T:
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        raise UpstreamError(f"resource API {what} returned an unexpected body") from None
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses: the only hosts where plain HTTP is fine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
