@@ -91,9 +91,6 @@ class AppSettings(BaseModel):
         description="Model id or name used by /v1/classify when the request names none; "
         "default: the first image-classification model of the catalog by name.",
     )
-    max_models_per_replica: int = Field(
-        2, ge=1, le=16, description="Models a model replica keeps loaded (LRU) when multiplexing."
-    )
     jwt_issuer: str = Field("sealserve", description="Required `iss` of accepted JWTs.")
     jwt_audience: str = Field("sealserve-api", description="Required `aud` of accepted JWTs.")
 
