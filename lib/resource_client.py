@@ -185,10 +185,16 @@ class ResourceClient:
         self._request("PUT", "/cdn", json_body=body)
 
     def fetch_count(
-        self, folder: str | None = None, name: str | None = None, kind: FetchKind | None = None
+        self,
+        folder: str | None = None,
+        name: str | None = None,
+        kind: FetchKind | None = None,
+        *,
+        fingerprint: str | None = None,
     ) -> int:
-        """How many keys were released, filtered by folder, name and kind (publisher only)."""
-        params = {k: v for k, v in (("folder", folder), ("name", name), ("kind", kind)) if v is not None}
+        """How many secrets were released, filtered by folder, name, kind and node (publisher only)."""
+        filters = {"folder": folder, "name": name, "kind": kind, "fingerprint": fingerprint}
+        params = {key: value for key, value in filters.items() if value is not None}
         data = self._request("GET", "/stats/fetches", params=params)
         return _parse(FetchCountResponse, data, "GET /stats/fetches").count
 

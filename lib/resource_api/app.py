@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from lib.cdn_config import CdnConfig
 from lib.http_errors import RequestContextMiddleware, install_error_handlers
 from lib.resource_api.schemas import (
+    FINGERPRINT_PATTERN,
     NAME_PATTERN,
     CdnResponse,
     FetchCountResponse,
@@ -85,8 +86,9 @@ def _add_routes(app: FastAPI, service: ResourceService) -> None:
         folder: OptionalName = None,
         name: OptionalName = None,
         kind: Annotated[FetchKind | None, Query()] = None,
+        fingerprint: Annotated[str | None, Query(pattern=FINGERPRINT_PATTERN)] = None,
     ) -> FetchCountResponse:
-        return service.fetch_count(caller, folder=folder, name=name, kind=kind)
+        return service.fetch_count(caller, folder=folder, name=name, kind=kind, fingerprint=fingerprint)
 
 
 def create_app(settings: ResourceApiSettings, *, store: ResourceStore | None = None) -> FastAPI:

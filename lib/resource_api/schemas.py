@@ -140,3 +140,4 @@ class FetchCountResponse(BaseModel):
     folder: str | None = None
     name: str | None = None
     kind: FetchKind | None = None
+    fingerprint: str | None = None

@@ -73,7 +73,7 @@ def create_user(
     *,
     email: str,
     password: str,
-    role: str,
+    role: Role,
     fingerprints: Sequence[str] = (),
     hasher: PasswordHasher | None = None,
 ) -> UserRecord:
@@ -83,8 +83,7 @@ def create_user(
         raise ValidationFailedError("the email address is not valid")
     if role not in ROLES:
         raise ValidationFailedError(f"role must be one of {', '.join(ROLES)}")
-    bad = [fp for fp in fingerprints if not re.fullmatch(FINGERPRINT_PATTERN, fp)]
-    if bad:
+    if any(not re.fullmatch(FINGERPRINT_PATTERN, fp) for fp in fingerprints):
         raise ValidationFailedError("a fingerprint is 64 lowercase hex characters")
     try:
         check_new_password(password)
@@ -94,7 +93,7 @@ def create_user(
     user = store.create_user(
         email=email,
         password_hash=password_hash,
-        role="publisher" if role == "publisher" else "reader",
+        role=role,
         allowed_fingerprints=sorted(set(fingerprints)) or None,
     )
     log.info("created %s user id %d", user.role, user.id)
@@ -146,7 +145,7 @@ class ResourceService:
         claims = self._tokens.verify(token.strip())
         user = self.store.user_by_id(int(claims.subject)) if claims.subject.isdigit() else None
         if user is None:
-            raise AuthenticationError("the token is invalid or has expired")
+            raise AuthenticationError("invalid or expired token")
         return Principal(user.id, user.email, user.role, user.allowed_fingerprints)
 
     # -- resources -------------------------------------------------------------------------------
@@ -240,11 +239,17 @@ class ResourceService:
     # -- statistics ------------------------------------------------------------------------------
 
     def fetch_count(
-        self, principal: Principal, *, folder: str | None, name: str | None, kind: FetchKind | None
+        self,
+        principal: Principal,
+        *,
+        folder: str | None = None,
+        name: str | None = None,
+        kind: FetchKind | None = None,
+        fingerprint: str | None = None,
     ) -> FetchCountResponse:
         _require_publisher(principal)
-        count = self.store.count_fetches(folder=folder, name=name, kind=kind)
-        return FetchCountResponse(count=count, folder=folder, name=name, kind=kind)
+        count = self.store.count_fetches(folder=folder, name=name, kind=kind, fingerprint=fingerprint)
+        return FetchCountResponse(count=count, folder=folder, name=name, kind=kind, fingerprint=fingerprint)
 
     def health(self) -> dict[str, str]:
         self.store.ping()

@@ -263,7 +263,12 @@ class ResourceStore:
             )
 
     def count_fetches(
-        self, *, folder: str | None = None, name: str | None = None, kind: FetchKind | None = None
+        self,
+        *,
+        folder: str | None = None,
+        name: str | None = None,
+        kind: FetchKind | None = None,
+        fingerprint: str | None = None,
     ) -> int:
         query = select(func.count()).select_from(FetchRow)
         if folder is not None:
@@ -272,6 +277,8 @@ class ResourceStore:
             query = query.where(FetchRow.name == name)
         if kind is not None:
             query = query.where(FetchRow.kind == kind)
+        if fingerprint is not None:
+            query = query.where(FetchRow.fingerprint == fingerprint)
         with _database_errors("count fetches"), self._sessions() as session:
             return int(session.scalar(query) or 0)
 

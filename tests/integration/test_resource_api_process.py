@@ -143,6 +143,8 @@ def test_403_is_a_denial_and_not_retried(server: ResourceApiServer) -> None:
     assert publisher.fetch_count(name="pinned") == before, "a denied request releases nothing"
     assert pinned.get("models", "pinned", NodeKeyPair.generate(), FP_A).manifest["name"] == "pinned"
     assert publisher.fetch_count(name="pinned") == before + 1
+    assert publisher.fetch_count(name="pinned", fingerprint=FP_B) == 0
+    assert publisher.fetch_count(name="pinned", kind="dek", fingerprint=FP_A) >= 1
 
 
 def test_wrong_password_is_one_login_and_an_authentication_error(server: ResourceApiServer) -> None:

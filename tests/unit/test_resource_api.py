@@ -279,6 +279,7 @@ def test_fetches_are_logged_and_countable(client: TestClient) -> None:
     assert count(kind="dek") == 4 and count(kind="cdn") == 1
     assert count(folder="models", name="one") == 3 and count(name="two", kind="dek") == 1
     assert count(folder="elsewhere") == 0
+    assert count(fingerprint=FP_B) == 1 and count(fingerprint=FP_A, kind="cdn") == 1
 
 
 def test_cdn_config_round_trip_and_encrypted_at_rest(client: TestClient, tmp_path: Path) -> None:
