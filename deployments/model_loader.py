@@ -1,9 +1,12 @@
 """The ModelLoader actor: exactly one per node (per application), shared by the replicas there.
 
 It owns the node's model catalog (one scan of MODEL_DIRS per node, not per replica) and hands
-out verified model paths. Replicas find it by a name derived from the application and the node
-id; ``get_if_exists`` makes find-or-create atomic in the GCS, so replicas starting together on a
-node still end up with a single loader.
+out verified model paths; with ``sealed`` settings it also lists the sealed models and fetches,
+verifies and decrypts each of them once for the node into its tmpfs cache.
+
+Replicas find it by a name derived from the application and the node id; ``get_if_exists``
+makes find-or-create atomic in the GCS, so replicas starting together on a node still end up
+with a single loader.
 
 Lifetime: the loader is not detached. Its owner is the replica that created it, so when the
 application is deleted (all its replicas stop) the loader goes too, and no loader outlives its
@@ -13,7 +16,11 @@ the next call from another replica on the node creates a new one (``NodeLoader``
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import signal
+import sys
 import threading
 from typing import Any
 
@@ -22,8 +29,9 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from deployments.ray_errors import unwrap
-from lib.catalog import ModelCatalog
+from lib.catalog import ModelCatalog, find_model, resolve_model
 from lib.schemas import ModelInfo
+from lib.sealed_catalog import SealedCatalog
 from lib.settings import AppSettings
 
 log = logging.getLogger("ray.serve")
@@ -36,54 +44,105 @@ _RECONNECT_ATTEMPTS = 3
 class ModelLoader:
     """Per-node owner of the model catalog; hands replicas verified local model paths."""
 
-    def __init__(self, settings: AppSettings) -> None:
+    def __init__(self, settings: AppSettings, app_name: str) -> None:
         self._settings = settings
         self._catalog = ModelCatalog(settings.model_dirs)
-        self._catalog.scan()
+        self._sealed: SealedCatalog | None = None
+        if settings.sealed is not None:
+            node = ray.get_runtime_context().get_node_id()[:16]
+            self._sealed = SealedCatalog(settings.sealed, owner=f"{app_name}-{node}")
+            _remove_plaintext_on_exit(self._sealed)
+        self._scan()
         self._stop = threading.Event()
         self._scanner = threading.Thread(target=self._scan_forever, name="model-scan", daemon=True)
         self._scanner.start()
         self._ensured: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def _scan(self) -> None:
+        self._catalog.scan()
+        if self._sealed is not None:
+            self._sealed.refresh()
+
     def _scan_forever(self) -> None:
         while not self._stop.wait(self._settings.model_scan_interval):
             try:
-                self._catalog.scan()
+                self._scan()
             except Exception:  # a scan failure must not end rescanning for the loader's life
                 log.exception("model scan failed")
 
     def models(self) -> list[ModelInfo]:
-        return self._catalog.entries()
+        sealed = self._sealed.entries() if self._sealed is not None else []
+        return self._catalog.entries() + sealed
 
     def rescan(self) -> list[ModelInfo]:
-        return self._catalog.scan()
+        self._scan()
+        return self.models()
 
     def get(self, model_id: str) -> ModelInfo:
-        return self._catalog.get(model_id)
+        return find_model(self.models(), model_id)
 
     def resolve(self, id_or_name: str | None, kind: str) -> ModelInfo:
-        return self._catalog.resolve(id_or_name, kind)
+        return resolve_model(self.models(), id_or_name, kind)
 
     def ensure(self, model_id: str) -> ModelInfo:
-        """Return the model's entry with a local path, verified against its id."""
-        info = self._catalog.verify(model_id)
+        """Return the model's entry with a local path, verified against its id.
+
+        A sealed model is fetched, verified and decrypted into the node cache on first use;
+        concurrent calls for it wait for that one fetch.
+        """
+        if self._sealed is not None and self._sealed.owns(model_id):
+            info = self._sealed.ensure(model_id)
+        else:
+            info = self._catalog.verify(model_id)
         with self._lock:
             self._ensured[model_id] = self._ensured.get(model_id, 0) + 1
         return info
+
+    def errors(self) -> dict[str, str]:
+        """Problems worth showing in /health: sealed models that cannot be listed or fetched."""
+        return self._sealed.errors() if self._sealed is not None else {}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             ensured = dict(self._ensured)
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
-            "models": len(self._catalog.entries()),
+            "pid": os.getpid(),
+            "models": len(self.models()),
             "files_hashed": self._catalog.digests.files_hashed,
             "ensure_calls": ensured,
+            "sealed": self._sealed.stats() if self._sealed is not None else {},
+            "cache_dir": str(self._sealed.cache.root) if self._sealed is not None else None,
         }
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self._sealed is not None:
+            self._sealed.close()
+
+
+def _remove_plaintext_on_exit(sealed: SealedCatalog) -> None:
+    """Remove the node cache however this process ends short of SIGKILL.
+
+    Ray sends SIGTERM to an actor whose owner died (our owner is a replica of the application),
+    so this covers ``serve delete`` and ``serve shutdown``; a SIGKILLed loader's cache is removed
+    by the next loader on the node (see ``process_cache_dir``).
+    """
+    atexit.register(sealed.close)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        sealed.close()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            sys.exit(0)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: atexit and the next loader's sweep still apply
+        log.warning("could not install the SIGTERM cleanup of the model cache")
 
 
 def loader_name(app_name: str, node_id: str) -> str:
@@ -98,7 +157,7 @@ def get_or_create_loader(settings: AppSettings, app_name: str) -> Any:
         namespace=LOADER_NAMESPACE,
         get_if_exists=True,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-    ).remote(settings)
+    ).remote(settings, app_name)
 
 
 class NodeLoader:

@@ -145,17 +145,7 @@ class ModelCatalog:
         return info
 
     def resolve(self, id_or_name: str | None, kind: str) -> ModelInfo:
-        """Find a model by id, else by name; with neither, the first of ``kind`` by name."""
-        entries = self.entries()
-        if id_or_name is None:
-            for info in entries:
-                if info.kind == kind and info.status != "error":
-                    return info
-            raise ModelNotFoundError(f"no {kind} model is available")
-        for info in entries:
-            if id_or_name in (info.id, info.name):
-                return require_kind(info, kind)
-        raise ModelNotFoundError(f"model {id_or_name!r} is not in the catalog")
+        return resolve_model(self.entries(), id_or_name, kind)
 
     def verify(self, model_id: str) -> ModelInfo:
         """Re-check the id of a local model against its bytes on disk before it is handed out."""
@@ -214,6 +204,26 @@ class ModelCatalog:
             error=recognition.error,
             num_labels=recognition.num_labels,
         )
+
+
+def find_model(entries: Sequence[ModelInfo], model_id: str) -> ModelInfo:
+    for info in entries:
+        if info.id == model_id:
+            return info
+    raise ModelNotFoundError(f"model {model_id!r} is not in the catalog")
+
+
+def resolve_model(entries: Sequence[ModelInfo], id_or_name: str | None, kind: str) -> ModelInfo:
+    """Find a model by id, else by name; with neither, the first usable one of ``kind``."""
+    if id_or_name is None:
+        for info in entries:
+            if info.kind == kind and info.status != "error":
+                return info
+        raise ModelNotFoundError(f"no {kind} model is available")
+    for info in entries:
+        if id_or_name in (info.id, info.name):
+            return require_kind(info, kind)
+    raise ModelNotFoundError(f"model {id_or_name!r} is not in the catalog")
 
 
 def require_kind(info: ModelInfo, kind: str) -> ModelInfo:

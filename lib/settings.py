@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
+from lib.accounts_settings import AccountsSettings
+from lib.db import DATABASE_URL_ENV
 from lib.errors import ConfigurationError
 
 Environment = Literal["development", "production"]
@@ -40,12 +44,65 @@ PLACEHOLDER_SECRETS = frozenset(
 MIN_SECRET_BYTES = 32
 DEV_API_KEY_FILE = "dev-api-key"
 DEV_SECRET_FILE = "dev-secret-key"  # noqa: S105 - a file name, not a secret
+SQLITE_FILE = "sealserve.db"
 
 
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+SHA256_HEX = r"^[0-9a-f]{64}$"
+# tmpfs: plaintext weights never reach a persistent disk. The cache refuses a directory here
+# that another user owns (see lib.sealed_cache.process_cache_dir).
+DEFAULT_MODEL_CACHE_DIR = "/dev/shm/sealserve"  # noqa: S108
+
+
+class SealedModelSpec(BaseModel):
+    """One sealed model to serve."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="Resource name the model was published under.")
+    folder: str | None = Field(None, description="Resource folder; default: the sealed.folder.")
+    id: str | None = Field(
+        None, pattern=SHA256_HEX, description="Pin: refuse the model unless its id is this SHA-256."
+    )
+
+
+class SealedSettings(BaseModel):
+    """Where sealed models come from (``args.sealed``); reader credentials are secrets.
+
+    The reader's password is read from RESOURCE_API_PASSWORD by the loader process itself.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resource_api_url: str = Field(description="Base URL of the resource API.")
+    folder: str = Field(min_length=1, description="Default resource folder of the models.")
+    models: list[SealedModelSpec] = Field(min_length=1, description="The sealed models to serve.")
+    email: str | None = Field(
+        None, description="Reader account; default: the RESOURCE_API_EMAIL environment variable."
+    )
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get("MODEL_CACHE_DIR", DEFAULT_MODEL_CACHE_DIR),
+        description="Node-local tmpfs directory for decrypted models (MODEL_CACHE_DIR).",
+    )
+    cache_budget_bytes: int = Field(
+        16 * 1024**3, gt=0, description="Plaintext bytes the node cache keeps before evicting (LRU)."
+    )
+    download_workers: int = Field(4, ge=1, le=32, description="Parallel ranged GETs per download.")
+    part_size_mb: int = Field(8, ge=1, le=512, description="Size of one ranged GET, in MiB.")
+    retry_attempts: int = Field(4, ge=1, le=10, description="Attempts per network call (first included).")
+    timeout_s: float = Field(30.0, gt=0, description="Read timeout of each network call.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names_as_specs(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 class AppSettings(BaseModel):
@@ -93,6 +150,13 @@ class AppSettings(BaseModel):
     )
     jwt_issuer: str = Field("sealserve", description="Required `iss` of accepted JWTs.")
     jwt_audience: str = Field("sealserve-api", description="Required `aud` of accepted JWTs.")
+    accounts: AccountsSettings = Field(
+        default_factory=AccountsSettings,
+        description="API keys, tokens, rate limits and usage recording (lib.accounts_settings).",
+    )
+    sealed: SealedSettings | None = Field(
+        None, description="Sealed models fetched through the resource API and S3 (none: local only)."
+    )
 
     _csv = field_validator("model_dirs", "cors_origins", mode="before")(_split_csv)
 
@@ -122,6 +186,9 @@ class Secrets(BaseModel):
     api_keys: tuple[SecretStr, ...] = Field(
         (), description="Bootstrap API keys (API_KEYS, comma-separated)."
     )
+    database_url: SecretStr | None = Field(
+        None, description="SQLAlchemy URL of the accounts database (DATABASE_URL)."
+    )
 
     @classmethod
     def from_env(cls, settings: AppSettings, env: Mapping[str, str] | None = None) -> Secrets:
@@ -141,7 +208,31 @@ class Secrets(BaseModel):
                 f"SECRET_KEY must be set to a random value of at least {MIN_SECRET_BYTES} bytes "
                 f"outside development (environment={settings.environment})"
             )
-        return cls(secret_key=SecretStr(secret), api_keys=tuple(keys))
+        database_url = SecretStr(env[DATABASE_URL_ENV]) if env.get(DATABASE_URL_ENV) else None
+        return cls(secret_key=SecretStr(secret), api_keys=tuple(keys), database_url=database_url)
+
+
+def accounts_database_url(settings: AppSettings, secrets: Secrets) -> str:
+    """The accounts database: ``accounts.database_url`` from the args, else DATABASE_URL, else SQLite.
+
+    The SQLite default is ``state_dir/sealserve.db`` (the CLI's default with the default state_dir).
+    A URL in the args must not hold a password: the args are stored in Ray's control plane.
+    """
+    if settings.accounts.database_url is not None:
+        url = settings.accounts.database_url.get_secret_value()
+        try:
+            has_password = bool(make_url(url).password)
+        except ArgumentError:
+            raise ConfigurationError("accounts.database_url cannot be parsed") from None
+        if has_password:
+            raise ConfigurationError(
+                "accounts.database_url must not hold a password (the app args are not secret): "
+                "set DATABASE_URL in the environment of the ingress, or PGPASSWORD"
+            )
+        return url
+    if secrets.database_url is not None:
+        return secrets.database_url.get_secret_value()
+    return f"sqlite:///{(settings.state_path / SQLITE_FILE).as_posix()}"
 
 
 def read_or_create_secret(path: Path) -> str:

@@ -1,0 +1,189 @@
+"""The sealed models of a node: catalog entries from the resource API, plaintext from the cache.
+
+Listing (``refresh``) asks the resource API for the manifests of the configured models; it
+releases no key. A key is released only when a replica needs the model (``ensure``), once per
+node thanks to :class:`~lib.sealed_cache.SealedModelCache`. Every failure of a sealed model is
+reported as :class:`~lib.errors.ModelUnavailableError` (503) naming the cause, kept for
+``/health`` and logged; a wrong reader password, for instance, is the service's problem, never
+a 401 for the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from lib.cdn import CdnClient, MiB
+from lib.cdn_config import CdnConfig
+from lib.errors import ConfigurationError, ModelNotFoundError, ModelUnavailableError
+from lib.fingerprint import node_fingerprint
+from lib.resource_api.schemas import ResourceManifest
+from lib.resource_client import ResourceClient
+from lib.retry import RetryPolicy
+from lib.schemas import ModelInfo
+from lib.sealed_cache import (
+    ResourceSource,
+    SealedFetcher,
+    SealedModelCache,
+    SealedRef,
+    describe,
+    process_cache_dir,
+)
+from lib.settings import SealedSettings
+
+log = logging.getLogger(__name__)
+
+PASSWORD_ENV = "RESOURCE_API_PASSWORD"  # noqa: S105 - the name of the variable
+EMAIL_ENV = "RESOURCE_API_EMAIL"
+LISTING = "listing"
+MODEL_KINDS = ("text-to-image", "image-classification")
+
+
+def reader_credentials(settings: SealedSettings) -> tuple[str, str]:
+    """The reader's email and password, from the settings and this process's environment."""
+    email = settings.email or os.environ.get(EMAIL_ENV)
+    password = os.environ.get(PASSWORD_ENV)
+    if not email or not password:
+        raise ConfigurationError(
+            f"sealed models need reader credentials: set {EMAIL_ENV} (or sealed.email) and {PASSWORD_ENV}"
+        )
+    return email, password
+
+
+def resource_client_from_env(settings: SealedSettings) -> ResourceClient:
+    email, password = reader_credentials(settings)
+    return ResourceClient(
+        settings.resource_api_url,
+        email,
+        password,
+        timeout=(3.05, settings.timeout_s),
+        retry=RetryPolicy(attempts=settings.retry_attempts),
+    )
+
+
+class SealedCatalog:
+    """Catalog entries and verified local paths for the sealed models of one node."""
+
+    def __init__(
+        self,
+        settings: SealedSettings,
+        *,
+        owner: str,
+        resources: ResourceSource | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._refs = [
+            SealedRef(spec.folder or settings.folder, spec.name, spec.id) for spec in settings.models
+        ]
+        self._fetcher = SealedFetcher(
+            resources or resource_client_from_env(settings),
+            fingerprint=fingerprint or node_fingerprint(),
+            cdn_factory=self._cdn_client,
+        )
+        self.cache = SealedModelCache(
+            process_cache_dir(Path(settings.cache_dir), owner),
+            fetcher=self._fetcher,
+            budget_bytes=settings.cache_budget_bytes,
+        )
+        self._manifests: dict[tuple[str, str], ResourceManifest] = {}
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _cdn_client(self, config: CdnConfig) -> CdnClient:
+        return CdnClient(
+            config,
+            read_timeout=self._settings.timeout_s,
+            max_attempts=self._settings.retry_attempts,
+            part_size=self._settings.part_size_mb * MiB,
+            max_workers=self._settings.download_workers,
+        )
+
+    def refresh(self) -> None:
+        """Re-read the manifests of the configured models; keeps the last good ones on failure."""
+        found: dict[tuple[str, str], ResourceManifest] = {}
+        try:
+            for folder in sorted({ref.folder for ref in self._refs}):
+                for manifest in self._fetcher.list(folder):
+                    found[(folder, manifest.name)] = manifest
+        except Exception as exc:
+            self._note_error(LISTING, f"cannot list sealed models: {describe(exc)}")
+            return
+        with self._lock:
+            self._errors.pop(LISTING, None)
+            for ref in self._refs:
+                listed = found.get(ref.key)
+                if listed is None:
+                    self._errors[ref.name] = f"sealed model {ref.folder}/{ref.name} is not published"
+                    continue
+                if self._errors.get(ref.name, "").endswith("is not published"):
+                    del self._errors[ref.name]
+                self._manifests[ref.key] = listed
+
+    def entries(self) -> list[ModelInfo]:
+        with self._lock:
+            known = [(ref, self._manifests.get(ref.key)) for ref in self._refs]
+            errors = dict(self._errors)
+        entries = []
+        for ref, manifest in known:
+            if manifest is None:
+                continue
+            path = self.cache.cached(ref)
+            error = errors.get(ref.name) or self.cache.errors().get(ref.name)
+            entries.append(
+                ModelInfo(
+                    id=manifest.id,
+                    name=ref.name,
+                    size=manifest.plaintext_size,
+                    path=str(path) if path else None,
+                    source="sealed",
+                    extension="" if manifest.is_directory else Path(manifest.name).suffix,
+                    kind=manifest.kind if manifest.kind in MODEL_KINDS else None,
+                    status="available" if path else ("error" if error else "sealed"),
+                    error=error if not path else None,
+                )
+            )
+        return entries
+
+    def owns(self, model_id: str) -> bool:
+        return self._ref_for(model_id) is not None
+
+    def ensure(self, model_id: str) -> ModelInfo:
+        """Fetch (once per node) and return the entry of a sealed model with its local path."""
+        ref = self._ref_for(model_id)
+        if ref is None:
+            raise ModelNotFoundError(f"model {model_id!r} is not in the catalog")
+        try:
+            self.cache.ensure(ref)
+        except Exception as exc:
+            reason = describe(exc)
+            log.error("sealed model %s is unavailable: %s", ref.name, reason)
+            raise ModelUnavailableError(f"sealed model {ref.name} is unavailable: {reason}") from None
+        return next(e for e in self.entries() if e.id == model_id)
+
+    def errors(self) -> dict[str, str]:
+        with self._lock:
+            errors = dict(self._errors)
+        return {**errors, **self.cache.errors()}
+
+    def stats(self) -> dict[str, Any]:
+        return self.cache.stats()
+
+    def close(self) -> None:
+        self.cache.clear()
+
+    def _ref_for(self, model_id: str) -> SealedRef | None:
+        with self._lock:
+            for ref in self._refs:
+                manifest = self._manifests.get(ref.key)
+                if manifest is not None and manifest.id == model_id:
+                    return ref
+        return None
+
+    def _note_error(self, key: str, message: str) -> None:
+        log.error("%s", message)
+        with self._lock:
+            self._errors[key] = message
