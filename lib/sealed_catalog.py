@@ -42,6 +42,13 @@ LISTING = "listing"
 MODEL_KINDS = ("text-to-image", "image-classification")
 
 
+def _unlisted_entry(ref: SealedRef, error: str) -> ModelInfo:
+    assert ref.id is not None
+    return ModelInfo(
+        id=ref.id, name=ref.name, size=0, source="sealed", extension="", status="error", error=error
+    )
+
+
 def reader_credentials(settings: SealedSettings) -> tuple[str, str]:
     """The reader's email and password, from the settings and this process's environment."""
     email = settings.email or os.environ.get(EMAIL_ENV)
@@ -129,10 +136,12 @@ class SealedCatalog:
             errors = dict(self._errors)
         entries = []
         for ref, manifest in known:
+            error = errors.get(ref.name) or self.cache.errors().get(ref.name) or errors.get(LISTING)
             if manifest is None:
+                if ref.id is not None:  # pinned: a client asking for it gets a 503 naming the cause
+                    entries.append(_unlisted_entry(ref, error or "sealed model is not listed yet"))
                 continue
             path = self.cache.cached(ref)
-            error = errors.get(ref.name) or self.cache.errors().get(ref.name)
             entries.append(
                 ModelInfo(
                     id=manifest.id,
@@ -157,11 +166,13 @@ class SealedCatalog:
         if ref is None:
             raise ModelNotFoundError(f"model {model_id!r} is not in the catalog")
         try:
-            self.cache.ensure(ref)
+            _, manifest = self.cache.ensure(ref)
         except Exception as exc:
             reason = describe(exc)
             log.error("sealed model %s is unavailable: %s", ref.name, reason)
             raise ModelUnavailableError(f"sealed model {ref.name} is unavailable: {reason}") from None
+        with self._lock:  # a pinned model fetched before any listing succeeded is known now
+            self._manifests[ref.key] = manifest
         return next(e for e in self.entries() if e.id == model_id)
 
     def errors(self) -> dict[str, str]:
@@ -179,7 +190,7 @@ class SealedCatalog:
         with self._lock:
             for ref in self._refs:
                 manifest = self._manifests.get(ref.key)
-                if manifest is not None and manifest.id == model_id:
+                if model_id in (ref.id, manifest.id if manifest else None):
                     return ref
         return None
 
