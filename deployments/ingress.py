@@ -110,12 +110,16 @@ class Ingress:
                 errors.append(f"{name}: {type(unwrap(exc)).__name__}")
         try:
             models = len(await _within(self.loader.models(), HEALTH_TIMEOUT_S))
+            model_errors: dict[str, str] = await _within(self.loader.call("errors"), HEALTH_TIMEOUT_S)
         except Exception as exc:
             errors.append(f"ModelLoader: {type(unwrap(exc)).__name__}")
-            models = 0
+            models, model_errors = 0, {}
+        # A model that cannot be fetched degrades the service but does not make it unready:
+        # every other model still serves.
         ready = not errors
+        errors += [f"model {name}: {message}" for name, message in sorted(model_errors.items())]
         return Health(
-            status="ok" if ready else "degraded",
+            status="ok" if not errors else "degraded",
             ready=ready,
             version=VERSION,
             device=deployments[0].device if deployments else "unknown",
