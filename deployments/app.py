@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ray.serve import Application
@@ -12,6 +13,8 @@ from deployments.text_to_image import TextToImage
 from lib.sealed_catalog import reader_credentials
 from lib.settings import AppSettings, Secrets
 
+DeploymentOptions = Mapping[str, Mapping[str, Any]]
+
 
 def build_app(args: dict[str, Any]) -> Application:
     """Validate the app args (and that the secrets are usable), then bind the graph."""
@@ -20,9 +23,22 @@ def build_app(args: dict[str, Any]) -> Application:
     Secrets.from_env(settings)
     if settings.sealed is not None:
         reader_credentials(settings.sealed)
-    # serve.deployment turns the classes into Deployments; their stubs do not say so.
-    return Ingress.bind(  # type: ignore[attr-defined]
-        TextToImage.bind(settings),  # type: ignore[attr-defined]
-        ImageClassifier.bind(settings),  # type: ignore[attr-defined]
+    return bind_graph(settings)
+
+
+def bind_graph(settings: AppSettings, options: DeploymentOptions | None = None) -> Application:
+    """The graph for validated settings; ``options`` maps a deployment name to Serve options.
+
+    Serve configs override deployment options through their ``deployments:`` list; ``options``
+    does the same for Python callers (tests, notebooks) that call ``serve.run`` directly.
+    """
+    options = options or {}
+
+    def configured(deployment: Any) -> Any:
+        return deployment.options(**options.get(deployment.name, {}))
+
+    return configured(Ingress).bind(
+        configured(TextToImage).bind(settings),
+        configured(ImageClassifier).bind(settings),
         settings=settings,
     )
