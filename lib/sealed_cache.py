@@ -283,8 +283,9 @@ def _remove(path: Path) -> None:
 def process_cache_dir(base: Path, owner: str) -> Path:
     """This process's cache directory under ``base``, after removing those of dead processes.
 
-    The directory name carries the pid, so a loader that was killed before it could clean up
-    (SIGKILL, node crash) has its plaintext removed by the next loader of the same owner.
+    The name ends with the pid, so a loader that was killed before it could clean up (SIGKILL,
+    a node crash, a Ray session torn down) has its plaintext removed by the next loader that
+    starts on the machine, whatever application or session it belonged to.
     """
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     # /dev/shm is world-writable: a directory planted there by another user could let them
@@ -292,12 +293,11 @@ def process_cache_dir(base: Path, owner: str) -> Path:
     if base.stat().st_uid != os.getuid():
         raise ConfigurationError(f"model cache directory {base} belongs to another user")
     base.chmod(0o700)
-    prefix = f"{owner}-"
-    for stale in base.glob(f"{prefix}*"):
-        pid = stale.name.removeprefix(prefix)
-        if pid.isdigit() and not _alive(int(pid)):
+    for stale in base.iterdir():
+        pid = stale.name.rpartition("-")[2]
+        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    return base / f"{prefix}{os.getpid()}"
+    return base / f"{owner}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:

@@ -21,6 +21,9 @@ import requests
 
 TEST_SECRET_KEY = "test-secret-key-0123456789abcdefghijklmnopqrstuvwxyz"
 TEST_API_KEY = "ss_test_bootstrap_key_0123456789abcdefghijklmnop"
+# The reader account every test loader uses for sealed models (created by tests.sealed_world).
+READER_EMAIL = "reader@sealserve.test"
+READER_PASSWORD = "reader-password-for-tests-0123456789"
 APP_NAME = "sealserve"
 READY_TIMEOUT_S = 240
 
@@ -41,6 +44,8 @@ def test_environment() -> dict[str, str]:
         "RAY_SERVE_LOG_TO_STDERR": "0",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
+        "RESOURCE_API_EMAIL": READER_EMAIL,
+        "RESOURCE_API_PASSWORD": READER_PASSWORD,
     }
 
 
