@@ -227,6 +227,9 @@ def resolve_model(entries: Sequence[ModelInfo], id_or_name: str | None, kind: st
 
 
 def require_kind(info: ModelInfo, kind: str) -> ModelInfo:
+    if info.kind is None and info.status == "error":
+        # Unrecognised or unreachable: the client's request is fine, the model is not.
+        raise ModelUnavailableError(f"model {info.name} is unavailable: {info.error}")
     if info.kind != kind:
         raise WrongModelKindError(
             f"model {info.name} is a {info.kind or 'unrecognised'} model, not {kind}"

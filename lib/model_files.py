@@ -92,7 +92,14 @@ def _safetensors_keys(path: Path) -> list[str]:
             raise UnsafeOrCorrupt("safetensors header is not valid JSON") from exc
     if not isinstance(header, dict):
         raise UnsafeOrCorrupt("safetensors header is not a JSON object")
-    return [k for k in header if k != "__metadata__"]
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        data_end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise UnsafeOrCorrupt("safetensors header has malformed data offsets") from None
+    if 8 + length + data_end != path.stat().st_size:
+        raise UnsafeOrCorrupt("safetensors file is truncated or has trailing bytes")
+    return list(tensors)
 
 
 def _pickle_keys(path: Path) -> list[str]:

@@ -155,11 +155,6 @@ def test_truncated_safetensors_is_an_error(tmp_path: Path, keep: int, expected: 
     assert recognition.error is not None and expected in recognition.error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG lib/model_files.py:_safetensors_keys reads the header only and never checks the "
-    "tensors' data_offsets against the file size: a file cut inside its data is listed as available",
-)
 def test_safetensors_truncated_inside_its_data_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "cut.safetensors"
     save_file({"model.diffusion_model.x": torch.ones(64, 64)}, str(path))
@@ -569,12 +564,22 @@ def test_resolve_default_is_first_available_of_kind_by_name(catalog: ModelCatalo
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [("b-sd.safetensors", CLS), ("z-classifier", T2I), ("0-broken.safetensors", T2I)],
+    [("b-sd.safetensors", CLS), ("z-classifier", T2I)],
 )
 def test_resolve_wrong_kind(catalog: ModelCatalog, name: str, kind: str) -> None:
     with pytest.raises(WrongModelKindError, match=kind) as caught:
         catalog.resolve(name, kind)
     assert caught.value.status_code == 422
+
+
+@pytest.mark.parametrize("kind", [T2I, CLS])
+def test_resolve_unusable_model_is_unavailable_not_wrong_kind(catalog: ModelCatalog, kind: str) -> None:
+    # The request is fine; the model is not: 503 naming why, not a 422 blaming the client.
+    broken = by_name(catalog)["0-broken.safetensors"]
+    with pytest.raises(ModelUnavailableError) as caught:
+        catalog.resolve("0-broken.safetensors", kind)
+    assert caught.value.status_code == 503
+    assert broken.error is not None and broken.error in caught.value.message
 
 
 def test_resolve_unknown_is_not_found(catalog: ModelCatalog) -> None:

@@ -1,0 +1,143 @@
+"""Sealed models when something is wrong: each failure is a clear 503, in /health and in the logs.
+
+The cases run in order against one Serve instance: wrong reader credentials (a second app),
+a corrupted big part, S3 down, then the resource API down. Nothing unverified is ever loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import ray
+from ray import serve
+
+from deployments.app import bind_graph
+from lib.settings import AppSettings
+from tests.integration.test_api import assert_error, png_b64
+from tests.sealed_world import SealedWorld, mark_unique, sealed_world
+from tests.serve_harness import ServeInstance, running_serve, start_ray, wait_ready
+
+MODELS = ("clf-corrupt", "clf-s3-down", "clf-api-down")
+WRONG_READER = ("wrong-reader@sealserve.test", "a-password-the-loader-does-not-have")
+
+
+@pytest.fixture(scope="module")
+def world(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SealedWorld]:
+    sources = tmp_path_factory.mktemp("sources")
+    models = {name: mark_unique(demo_models_dir / "tiny-classifier", sources / name)[0] for name in MODELS}
+    with sealed_world(tmp_path_factory.mktemp("sealed"), models) as sealed:
+        sealed.resource_api.create_user(*WRONG_READER, role="reader")
+        yield sealed
+
+
+def settings_for(world: SealedWorld, tmp: pytest.TempPathFactory, sealed: dict[str, Any]) -> AppSettings:
+    return AppSettings.from_args(
+        {
+            "environment": "production",
+            "model_dirs": [str(tmp.mktemp("no-local-models"))],
+            "state_dir": str(tmp.mktemp("state")),
+            "model_scan_interval": 2,
+            "sealed": sealed,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def api(world: SealedWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInstance]:
+    start_ray()
+    settings = settings_for(world, tmp_path_factory, world.sealed_args(list(MODELS)))
+    with running_serve(bind_graph(settings), Path(settings.model_dirs[0])) as instance:
+        yield instance
+
+
+def classify(api: ServeInstance, model: str, prefix: str = "") -> Any:
+    body = {"image": png_b64(), "top_k": 2, "model_id": model}
+    return api.post(f"{prefix}/v1/classify", json=body, headers=api.auth())
+
+
+def health_errors(api: ServeInstance, prefix: str = "") -> list[str]:
+    body = api.get(f"{prefix}/health").json()
+    assert body["status"] == ("degraded" if body["errors"] else "ok")
+    return list(body["errors"])
+
+
+def loaded_classifiers(api: ServeInstance) -> list[str]:
+    deployments = api.get("/health").json()["deployments"]
+    return next(d["loaded_models"] for d in deployments if d["deployment"] == "ImageClassifier")
+
+
+def logged(text: str) -> bool:
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    for path in logs.rglob("*"):
+        try:
+            if path.is_file() and text in path.read_text(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_wrong_reader_password(
+    api: ServeInstance, world: SealedWorld, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    model_id = world.published["clf-api-down"].id
+    sealed = world.sealed_args(["clf-api-down"], email=WRONG_READER[0])
+    sealed["models"] = [{"name": "clf-api-down", "id": model_id}]  # pinned: listed even unlisted
+    settings = settings_for(world, tmp_path_factory, sealed)
+    serve.run(bind_graph(settings), name="badcreds", route_prefix="/bad")
+    try:
+        bad = ServeInstance(api.base_url + "/bad", api.model_dir)
+        wait_ready(bad)
+        listed = {m["name"]: m for m in bad.get("/v1/models", headers=bad.auth()).json()["models"]}
+        assert listed["clf-api-down"]["status"] == "error"
+        assert "AuthenticationError" in listed["clf-api-down"]["error"]
+        error = assert_error(classify(bad, model_id), 503, "model_unavailable")
+        assert "AuthenticationError" in error["message"]
+        assert any("AuthenticationError" in e for e in health_errors(bad))
+        assert WRONG_READER[1] not in str(listed) + error["message"]
+    finally:
+        serve.delete("badcreds")
+    assert world.key_releases("clf-api-down") == 0
+
+
+def test_corrupted_big_part(api: ServeInstance, world: SealedWorld) -> None:
+    published = world.published["clf-corrupt"]
+    s3 = boto3.client(
+        "s3", endpoint_url=world.s3.config("x", direct=True).endpoint_url, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )
+    body = bytearray(s3.get_object(Bucket="sealed-models", Key=published.big_key)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    s3.put_object(Bucket="sealed-models", Key=published.big_key, Body=bytes(body))
+
+    error = assert_error(classify(api, "clf-corrupt"), 503, "model_unavailable")
+    assert "IntegrityError" in error["message"]
+    assert any("clf-corrupt" in e and "IntegrityError" in e for e in health_errors(api))
+    assert published.id not in loaded_classifiers(api)
+    assert not any(published.id in p.name for p in world.cache_dir.rglob("*"))
+    assert logged("sealed model clf-corrupt is unavailable: IntegrityError")
+    # the other sealed models are unaffected
+    assert classify(api, "clf-s3-down").status_code == 200
+    assert classify(api, "clf-s3-down").json()["model"] == world.published["clf-s3-down"].id
+
+
+def test_s3_down(api: ServeInstance, world: SealedWorld) -> None:
+    # clf-s3-down is cached on the node now: it keeps working; a model never fetched cannot.
+    world.s3.stop()
+    assert classify(api, "clf-s3-down").status_code == 200
+    error = assert_error(classify(api, "clf-api-down"), 503, "model_unavailable")
+    assert "UpstreamError" in error["message"] and "S3" in error["message"]
+    assert any("clf-api-down" in e and "UpstreamError" in e for e in health_errors(api))
+
+
+def test_resource_api_down(api: ServeInstance, world: SealedWorld) -> None:
+    world.resource_api.stop()
+    error = assert_error(classify(api, "clf-api-down"), 503, "model_unavailable")
+    assert "UpstreamError" in error["message"] and "resource API" in error["message"]
+    assert api.get("/health").json()["ready"] is True  # degraded, still serving what it has
+    assert classify(api, "clf-s3-down").status_code == 200
+    assert world.published["clf-api-down"].id not in loaded_classifiers(api)
