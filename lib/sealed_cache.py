@@ -44,15 +44,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SealedRef:
-    """A sealed model named in configuration: where it is, and optionally the id it must have."""
+    """A sealed model: where it is, and the id it must have (None: whatever is published)."""
 
     folder: str
     name: str
     id: str | None = None
 
     @property
-    def key(self) -> tuple[str, str]:
+    def location(self) -> tuple[str, str]:
         return (self.folder, self.name)
+
+    @property
+    def key(self) -> tuple[str, str, str | None]:
+        # The id is part of the key: a model republished under the same name is another entry.
+        return (self.folder, self.name, self.id)
 
 
 class ResourceSource(Protocol):
@@ -124,10 +129,11 @@ class SealedFetcher:
             )
         if len(fetched.small_part) != manifest.small_size:
             raise IntegrityError(f"small part of {ref.name} has the wrong size")
-        big = root / f".{manifest.id}.big.part"
-        opened = root / f".{manifest.id}.open.part"
-        unpacked = root / f".{manifest.id}.dir.part"
-        final = root / (manifest.id if manifest.is_directory else manifest.id + Path(manifest.name).suffix)
+        # Names carry the id and the resource name: the same bytes published under two names are
+        # two entries with two files, so evicting one never pulls the file from under the other.
+        stem = f"{manifest.id}.{ref.folder}.{ref.name}"
+        big, opened, unpacked = (root / f".{stem}.{part}.part" for part in ("big", "open", "dir"))
+        final = root / stem
         try:
             self._cdn_client().download_file(
                 manifest.big_key, big, expected_size=manifest.sealed_size - manifest.small_size
@@ -155,7 +161,8 @@ def _unpack(tar_path: Path, dest: Path) -> None:
     dest.mkdir(mode=0o700)
     try:
         with tarfile.open(tar_path) as archive:
-            # The "data" filter refuses absolute paths, "..", links leaving dest and device files.
+            # The "data" filter refuses "..", links leaving dest and device files, and strips a
+            # leading "/" so absolute names land inside dest.
             archive.extractall(dest, filter="data")
     except (tarfile.TarError, OSError) as exc:
         raise IntegrityError(f"sealed directory archive cannot be unpacked: {exc}") from None
@@ -189,8 +196,8 @@ class SealedModelCache:
         self.root = root
         self._fetcher = fetcher
         self._budget = budget_bytes
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
-        self._flights: dict[tuple[str, str], _Flight] = {}
+        self._entries: OrderedDict[tuple[str, str, str | None], _Entry] = OrderedDict()
+        self._flights: dict[tuple[str, str, str | None], _Flight] = {}
         self._stats: dict[str, ModelStats] = {}
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -233,7 +240,11 @@ class SealedModelCache:
             stats.bytes += outcome.downloaded_bytes
             stats.seconds += outcome.seconds
             stats.last_error = None
-            evicted = self._evict_over_budget(keep=ref.key)
+            evicted = [  # earlier versions of a republished model are not served again
+                self._entries.pop(key) for key in list(self._entries)
+                if key[:2] == ref.location and key != ref.key
+            ]
+            evicted += self._evict_over_budget(keep=ref.key)
         flight.future.set_result(entry)
         for old in evicted:
             _remove(old.path)
@@ -241,7 +252,7 @@ class SealedModelCache:
         log.info("sealed model %s fetched and verified in %.2fs", ref.name, outcome.seconds)
         return entry.path, entry.manifest
 
-    def _evict_over_budget(self, keep: tuple[str, str]) -> list[_Entry]:
+    def _evict_over_budget(self, keep: tuple[str, str, str | None]) -> list[_Entry]:
         evicted = []
         total = sum(e.size for e in self._entries.values())
         for key in list(self._entries):
@@ -303,7 +314,7 @@ def process_cache_dir(base: Path, owner: str) -> Path:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no pid can be
         return False
     except PermissionError:
         return True

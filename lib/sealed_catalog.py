@@ -10,9 +10,11 @@ a 401 for the client.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,24 @@ PASSWORD_ENV = "RESOURCE_API_PASSWORD"  # noqa: S105 - the name of the variable
 EMAIL_ENV = "RESOURCE_API_EMAIL"
 LISTING = "listing"
 MODEL_KINDS = ("text-to-image", "image-classification")
+
+
+def _with_id(ref: SealedRef, manifest: ResourceManifest) -> SealedRef:
+    return ref if ref.id is not None else dataclasses.replace(ref, id=manifest.id)
+
+
+def _entry(ref: SealedRef, manifest: ResourceManifest, path: Path | None, error: str | None) -> ModelInfo:
+    return ModelInfo(
+        id=manifest.id,
+        name=ref.name,
+        size=manifest.plaintext_size,
+        path=str(path) if path else None,
+        source="sealed",
+        extension="" if manifest.is_directory else Path(manifest.name).suffix,
+        kind=manifest.kind if manifest.kind in MODEL_KINDS else None,
+        status="available" if path else ("error" if error else "sealed"),
+        error=error if not path else None,
+    )
 
 
 def _unlisted_entry(ref: SealedRef, error: str) -> ModelInfo:
@@ -81,6 +101,7 @@ class SealedCatalog:
         owner: str,
         resources: ResourceSource | None = None,
         fingerprint: str | None = None,
+        cdn_factory: Callable[[CdnConfig], CdnClient] | None = None,
     ) -> None:
         self._settings = settings
         self._refs = [
@@ -89,7 +110,7 @@ class SealedCatalog:
         self._fetcher = SealedFetcher(
             resources or resource_client_from_env(settings),
             fingerprint=fingerprint or node_fingerprint(),
-            cdn_factory=self._cdn_client,
+            cdn_factory=cdn_factory or self._cdn_client,
         )
         self.cache = SealedModelCache(
             process_cache_dir(Path(settings.cache_dir), owner),
@@ -122,17 +143,17 @@ class SealedCatalog:
         with self._lock:
             self._errors.pop(LISTING, None)
             for ref in self._refs:
-                listed = found.get(ref.key)
+                listed = found.get(ref.location)
                 if listed is None:
                     self._errors[ref.name] = f"sealed model {ref.folder}/{ref.name} is not published"
                     continue
                 if self._errors.get(ref.name, "").endswith("is not published"):
                     del self._errors[ref.name]
-                self._manifests[ref.key] = listed
+                self._manifests[ref.location] = listed
 
     def entries(self) -> list[ModelInfo]:
         with self._lock:
-            known = [(ref, self._manifests.get(ref.key)) for ref in self._refs]
+            known = [(ref, self._manifests.get(ref.location)) for ref in self._refs]
             errors = dict(self._errors)
         entries = []
         for ref, manifest in known:
@@ -141,20 +162,8 @@ class SealedCatalog:
                 if ref.id is not None:  # pinned: a client asking for it gets a 503 naming the cause
                     entries.append(_unlisted_entry(ref, error or "sealed model is not listed yet"))
                 continue
-            path = self.cache.cached(ref)
-            entries.append(
-                ModelInfo(
-                    id=manifest.id,
-                    name=ref.name,
-                    size=manifest.plaintext_size,
-                    path=str(path) if path else None,
-                    source="sealed",
-                    extension="" if manifest.is_directory else Path(manifest.name).suffix,
-                    kind=manifest.kind if manifest.kind in MODEL_KINDS else None,
-                    status="available" if path else ("error" if error else "sealed"),
-                    error=error if not path else None,
-                )
-            )
+            path = self.cache.cached(_with_id(ref, manifest))
+            entries.append(_entry(ref, manifest, path, error))
         return entries
 
     def owns(self, model_id: str) -> bool:
@@ -165,15 +174,19 @@ class SealedCatalog:
         ref = self._ref_for(model_id)
         if ref is None:
             raise ModelNotFoundError(f"model {model_id!r} is not in the catalog")
+        # Fetch exactly the version the client asked for: if another was published since the
+        # listing, the fetch fails its id check (503) until the next refresh lists it.
+        if ref.id is None:
+            ref = dataclasses.replace(ref, id=model_id)
         try:
-            _, manifest = self.cache.ensure(ref)
+            path, manifest = self.cache.ensure(ref)
         except Exception as exc:
             reason = describe(exc)
             log.error("sealed model %s is unavailable: %s", ref.name, reason)
             raise ModelUnavailableError(f"sealed model {ref.name} is unavailable: {reason}") from None
         with self._lock:  # a pinned model fetched before any listing succeeded is known now
-            self._manifests[ref.key] = manifest
-        return next(e for e in self.entries() if e.id == model_id)
+            self._manifests[ref.location] = manifest
+        return _entry(ref, manifest, path, None)
 
     def errors(self) -> dict[str, str]:
         with self._lock:
@@ -189,7 +202,7 @@ class SealedCatalog:
     def _ref_for(self, model_id: str) -> SealedRef | None:
         with self._lock:
             for ref in self._refs:
-                manifest = self._manifests.get(ref.key)
+                manifest = self._manifests.get(ref.location)
                 if model_id in (ref.id, manifest.id if manifest else None):
                     return ref
         return None

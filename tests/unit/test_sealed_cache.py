@@ -296,7 +296,7 @@ def ref(name: str, pinned: str | None = None) -> SealedRef:
 # -- SealedFetcher ---------------------------------------------------------------------------------
 
 
-def test_fetch_file_model_lands_at_id_plus_suffix_with_the_exact_plaintext(
+def test_fetch_file_model_lands_at_id_and_name_with_the_exact_plaintext(
     store: FakeStore, fetcher: SealedFetcher, root: Path
 ) -> None:
     plaintext = payload(40_000)  # several 4 KiB segments, split inside the body
@@ -305,12 +305,13 @@ def test_fetch_file_model_lands_at_id_plus_suffix_with_the_exact_plaintext(
 
     outcome = fetcher.fetch(ref("classifier.safetensors"), root)
 
-    assert outcome.path == root / f"{model_id}.safetensors"
+    # id, folder and name: the suffix stays last, and two names never share one file
+    assert outcome.path == root / f"{model_id}.{FOLDER}.classifier.safetensors"
     assert outcome.path.read_bytes() == plaintext
     assert outcome.manifest.id == model_id
     assert outcome.downloaded_bytes == published.manifest["sealed_size"]
     assert outcome.seconds > 0
-    assert all_names(root) == [f"{model_id}.safetensors"]  # no .*.part left behind
+    assert all_names(root) == [outcome.path.name]  # no .*.part left behind
     assert store.downloads == [published.manifest["big_key"]]
     assert store.calls["get"] == 1
 
@@ -331,19 +332,19 @@ def test_fetch_directory_model_unpacks_the_tree_under_its_id(
 
     outcome = fetcher.fetch(ref("tiny-sd"), root)
 
-    assert outcome.path == root / model_id
+    assert outcome.path == root / f"{model_id}.{FOLDER}.tiny-sd"
     assert outcome.path.is_dir()
     expected = {path: data for path, data in files.items()}
     expected.update({"unet": None, "vae": None})
     assert tree(outcome.path) == dict(sorted(expected.items()))
-    assert all_names(root) == [model_id]  # neither the tar nor the big part stays
+    assert all_names(root) == [outcome.path.name]  # neither the tar nor the big part stays
 
 
 def test_fetch_empty_file_model(store: FakeStore, fetcher: SealedFetcher, root: Path) -> None:
     store.publish("empty.bin", b"")
     outcome = fetcher.fetch(ref("empty.bin"), root)
     assert outcome.path.read_bytes() == b""
-    assert outcome.path.name == hashlib.sha256(b"").hexdigest() + ".bin"
+    assert outcome.path.name == f"{hashlib.sha256(b'').hexdigest()}.{FOLDER}.empty.bin"
 
 
 def test_fetcher_asks_for_the_cdn_config_once_and_keeps_one_key_pair(
@@ -765,11 +766,6 @@ def test_describe_names_the_class_and_never_a_foreign_message() -> None:
 # plaintext path, <root>/<id>[suffix], while the cache keeps one entry per (folder, name).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG lib/sealed_cache.py:130: the final path depends on the id only, so evicting one "
-    "alias deletes the plaintext another cached entry still hands out",
-)
 def test_evicting_one_alias_keeps_the_other_aliass_file(
     store: FakeStore, fetcher: SealedFetcher, root: Path
 ) -> None:
@@ -786,12 +782,6 @@ def test_evicting_one_alias_keeps_the_other_aliass_file(
     assert path_b.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="BUG lib/sealed_cache.py:144: the second alias of a directory model renames onto the "
-    "first's non-empty directory and fails with a bare OSError",
-)
 def test_two_aliases_of_one_directory_model_can_both_be_ensured(
     store: FakeStore, cache: SealedModelCache
 ) -> None:
@@ -879,12 +869,6 @@ def test_process_cache_dir_refuses_a_base_owned_by_another_user(
     assert stale.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="BUG lib/sealed_cache.py _alive(): it lets os.kill's OverflowError out for a "
-    "digit-only suffix beyond pid_t, so one odd sibling name stops every loader from starting",
-)
 def test_process_cache_dir_survives_a_sibling_with_a_huge_number(tmp_path: Path) -> None:
     base = tmp_path / "sealserve"
     (base / "loader-99999999999").mkdir(parents=True)

@@ -391,15 +391,14 @@ def test_catalog_refuses_a_cache_base_owned_by_another_user(
 
 
 def test_ensure_error_message_carries_no_key_material(catalog: SealedCatalog, store: FakeStore) -> None:
-    catalog.refresh()
-    listed = model_id(store, "classifier.safetensors")
     published = store.resources[(FOLDER, "classifier.safetensors")]
-    # The resource API hands out a manifest whose id is not the digest of the bytes.
+    # The resource API lists and hands out a manifest whose id is not the digest of the bytes.
     store.tamper(
         "classifier.safetensors", manifest={**published.manifest, "id": hashlib.sha256(b"x").hexdigest()}
     )
+    catalog.refresh()
     with pytest.raises(ModelUnavailableError) as caught:
-        catalog.ensure(listed)
+        catalog.ensure(hashlib.sha256(b"x").hexdigest())
     assert caught.value.message == (
         "sealed model classifier.safetensors is unavailable: "
         "IntegrityError: plaintext of sealed model classifier.safetensors does not match its id"
@@ -451,12 +450,6 @@ def test_catalog_without_a_source_or_password_refuses_to_start(
 # -- known bugs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG lib/sealed_cache.py:208 + lib/sealed_catalog.py:169-176: the cache is keyed by "
-    "(folder, name) only, so after a republish ensure(new id) gets the old cached entry, then "
-    "fails with a bare StopIteration (a 500) instead of fetching the new model",
-)
 def test_a_republished_model_is_fetched_again(catalog: SealedCatalog, store: FakeStore) -> None:
     catalog.refresh()
     catalog.ensure(model_id(store, "classifier.safetensors"))
@@ -470,11 +463,6 @@ def test_a_republished_model_is_fetched_again(catalog: SealedCatalog, store: Fak
     assert Path(info.path).read_bytes() == v2.plaintext
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG lib/sealed_catalog.py:169-176: the fetch is not pinned to the listed id, so a "
-    "model republished between refresh() and ensure() makes ensure raise a bare StopIteration",
-)
 def test_a_model_republished_after_listing_is_refused_or_served_with_its_own_id(
     catalog: SealedCatalog, store: FakeStore
 ) -> None:
