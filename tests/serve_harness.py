@@ -34,7 +34,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_environment() -> dict[str, str]:
+def worker_environment() -> dict[str, str]:
     """Environment the Ray workers inherit: real secrets, production mode, offline hubs."""
     return {
         "SECRET_KEY": TEST_SECRET_KEY,
@@ -52,7 +52,7 @@ def test_environment() -> dict[str, str]:
 def start_ray() -> None:
     import ray
 
-    os.environ.update(test_environment())
+    os.environ.update(worker_environment())
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="sealserve-tests")
 
@@ -80,12 +80,17 @@ def copy_demo_models(source: Path, target: Path) -> Path:
 
 
 @contextmanager
-def running_serve(app: Any, model_dir: Path, *, name: str = APP_NAME) -> Iterator[ServeInstance]:
-    """Start Serve on a free port, run ``app`` at ``/`` and wait until /health says ready."""
+def running_serve(
+    app: Any, model_dir: Path, *, name: str = APP_NAME, proxy_location: str = "EveryNode"
+) -> Iterator[ServeInstance]:
+    """Start Serve on a free port, run ``app`` at ``/`` and wait until /health says ready.
+
+    Several Ray nodes on one machine cannot all bind the port: use ``proxy_location="HeadOnly"``.
+    """
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location=proxy_location)
     try:
         serve.run(app, name=name, route_prefix="/")
         instance = ServeInstance(f"http://127.0.0.1:{port}", model_dir)
