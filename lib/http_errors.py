@@ -64,7 +64,9 @@ def error_response(
 
 def sealserve_error_response(exc: SealserveError, request_id: str) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    return error_response(exc.status_code, exc.code, exc.message, request_id, headers)
+    # A 500 is our fault, and its message may describe internals: the client gets a generic one.
+    message = "internal server error" if exc.status_code == 500 else exc.message
+    return error_response(exc.status_code, exc.code, message, request_id, headers)
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, int]:
@@ -107,7 +109,11 @@ def install_error_handlers(app: FastAPI, log: logging.Logger) -> None:
         request_id = request_id_of(request)
         log.error("unhandled error in %s %s (request %s)", request.method, request.url.path,
                   request_id, exc_info=exc)
-        return error_response(500, "internal_error", "internal server error", request_id)
+        # Starlette runs this handler outside every middleware, so the request-id header the
+        # middleware would add has to be set here (unless a proxy sets it).
+        echo = getattr(request.state, "echo_request_id", False)
+        headers = {REQUEST_ID_HEADER: request_id} if echo else None
+        return error_response(500, "internal_error", "internal server error", request_id, headers)
 
     app.add_exception_handler(SealserveError, on_sealserve_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -149,7 +155,9 @@ class RequestContextMiddleware:
             request_id = supplied or uuid.uuid4().hex
         else:
             request_id = supplied if _CLIENT_REQUEST_ID.match(supplied) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["echo_request_id"] = not self.proxy_sets_request_id
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start" and not self.proxy_sets_request_id:
@@ -166,7 +174,9 @@ class RequestContextMiddleware:
 
     def _refusal(self, headers: Headers) -> SealserveError | None:
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+        if length is not None and not length.isdigit():
+            return BadRequestError("Content-Length is not a number")
+        if length is not None and int(length) > self.max_body_bytes:
             return PayloadTooLargeError(f"request body exceeds {self.max_body_bytes} bytes")
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         has_body = length not in (None, "0") or "transfer-encoding" in headers

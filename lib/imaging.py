@@ -6,7 +6,6 @@ import base64
 import binascii
 import io
 import re
-import warnings
 
 from PIL import Image
 
@@ -35,20 +34,21 @@ def decode_image(data: str, *, max_pixels: int) -> Image.Image:
     except (binascii.Error, ValueError):
         raise InvalidImageError("image is not valid base64") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-            if image.format not in ACCEPTED_FORMATS:
-                raise UnsupportedMediaTypeError(
-                    f"image format {image.format} is not supported; use one of {sorted(ACCEPTED_FORMATS)}"
-                )
-            if image.width * image.height > max_pixels:
-                raise PayloadTooLargeError(
-                    f"image of {image.width}x{image.height} exceeds the limit of {max_pixels} pixels"
-                )
-            image.load()
+        # open() reads the header only; the pixel limit is checked before load() decodes.
+        image = Image.open(io.BytesIO(raw))
+        if image.format not in ACCEPTED_FORMATS:
+            raise UnsupportedMediaTypeError(
+                f"image format {image.format} is not supported; use one of {sorted(ACCEPTED_FORMATS)}"
+            )
+        if image.width * image.height > max_pixels:
+            raise PayloadTooLargeError(
+                f"image of {image.width}x{image.height} exceeds the limit of {max_pixels} pixels"
+            )
+        image.load()
     except (UnsupportedMediaTypeError, PayloadTooLargeError):
         raise
+    except Image.DecompressionBombError:  # beyond Pillow's own hard limit, before ours is checked
+        raise PayloadTooLargeError(f"image exceeds the limit of {max_pixels} pixels") from None
     except Exception:
         raise InvalidImageError("image could not be decoded") from None
     return image.convert("RGB")

@@ -27,6 +27,10 @@ class RetryPolicy:
     base_delay: float = 0.2
     max_delay: float = 5.0
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("a retry policy needs attempts >= 1 and non-negative delays")
+
     def delay(self, retry_number: int, rng: random.Random | None = None) -> float:
         cap = min(self.max_delay, self.base_delay * (2 ** (retry_number - 1)))
         return (rng or random).uniform(0, cap)

@@ -52,11 +52,11 @@ def load_pipeline(path: Path, device: Device) -> Any:
     try:
         if path.is_dir():
             pipe = AutoPipelineForText2Image.from_pretrained(
-                path, torch_dtype=device.dtype, local_files_only=True
+                path, dtype=device.dtype, local_files_only=True
             )
         else:
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), torch_dtype=device.dtype, local_files_only=True
+                str(path), dtype=device.dtype, local_files_only=True
             )
     except Exception as exc:
         raise ModelUnavailableError(

@@ -103,7 +103,9 @@ def test_each_error_class_maps_to_its_status_and_code(client: TestClient, name: 
     cls = ERROR_CLASSES[name]
     response = client.get(f"/raise/{name}")
     error = error_of(response, cls.status_code, cls.code)
-    assert error["message"] == f"message of {name}"
+    # A 500 may describe internals: its message is generic, whatever the exception said.
+    expected = "internal server error" if cls.status_code == 500 else f"message of {name}"
+    assert error["message"] == expected
     assert has_matching_request_id(response)
     if cls.status_code == 401:
         assert response.headers["WWW-Authenticate"] == "Bearer"
@@ -312,11 +314,6 @@ def test_unexpected_error_is_a_generic_500_and_logged(
     assert SECRET_DETAIL in caplog.text and "Traceback" in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG lib/http_errors.py:106-115 vs 154-157: the Exception handler runs in Starlette's "
-    "ServerErrorMiddleware, outside RequestContextMiddleware, so a 500 leaves without X-Request-ID",
-)
 def test_unexpected_error_carries_the_request_id_header(client: TestClient) -> None:
     response = client.get("/boom")
     assert has_matching_request_id(response)
@@ -342,8 +339,8 @@ async def _drive(middleware: RequestContextMiddleware, headers: list[tuple[bytes
 @pytest.mark.parametrize(
     ("headers", "status"),
     [
-        ([(b"content-length", b"abc"), (b"content-type", b"application/json")], 413),
-        ([(b"content-length", b"-1"), (b"content-type", b"application/json")], 413),
+        ([(b"content-length", b"abc"), (b"content-type", b"application/json")], 400),
+        ([(b"content-length", b"-1"), (b"content-type", b"application/json")], 400),
         ([(b"content-length", str(LIMIT + 1).encode()), (b"content-type", b"application/json")], 413),
         ([(b"content-length", b"2"), (b"content-type", b"text/csv")], 415),
         ([(b"transfer-encoding", b"chunked")], 415),
@@ -359,6 +356,6 @@ def test_refused_requests_never_reach_the_app(headers: list[tuple[bytes, bytes]]
     assert reached == []
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == status
     body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
-    assert body["error"]["code"] in {"payload_too_large", "unsupported_media_type"}
+    assert body["error"]["code"] in {"bad_request", "payload_too_large", "unsupported_media_type"}
     header_names = {name.lower() for name, _ in sent[0]["headers"]}
     assert REQUEST_ID_HEADER.lower().encode() in header_names

@@ -138,12 +138,6 @@ def test_exactly_max_pixels_is_accepted() -> None:
     assert decode_image(b64(encoded(picture(12, 8), "PNG")), max_pixels=96).size == (12, 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG lib/imaging.py:40-56: PIL's DecompressionBombWarning (> Image.MAX_IMAGE_PIXELS, "
-    "~89.5 Mpx), turned into an error, is caught by `except Exception` and reported as 400 "
-    "invalid_image instead of 413",
-)
 def test_decompression_bomb_beyond_pil_limit_is_413() -> None:
     with pytest.raises(PayloadTooLargeError):
         decode_image(b64(png_header_only(10_000, 10_000)), max_pixels=LIMIT)

@@ -164,3 +164,11 @@ def test_cap_doubles_then_is_clamped(base: float, max_delay: float, expected: li
 def test_default_policy() -> None:
     policy = RetryPolicy()
     assert (policy.attempts, policy.base_delay, policy.max_delay) == (4, 0.2, 5.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"attempts": 0}, {"attempts": -1}, {"base_delay": -0.1}, {"max_delay": -1.0}]
+)
+def test_policy_refuses_values_that_would_never_call_or_sleep_backwards(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="attempts >= 1"):
+        RetryPolicy(**kwargs)  # type: ignore[arg-type]
