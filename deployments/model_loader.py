@@ -16,6 +16,7 @@ the next call from another replica on the node creates a new one (``NodeLoader``
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -179,6 +180,8 @@ class NodeLoader:
                 self._handle = None
                 if attempt == _RECONNECT_ATTEMPTS:
                     raise
+                # The GCS frees a dead actor's name shortly after it dies; give it that moment.
+                await asyncio.sleep(0.5 * attempt)
             except Exception as exc:
                 raise unwrap(exc) from None
         raise AssertionError("unreachable")  # pragma: no cover

@@ -395,3 +395,28 @@ def test_handle_call_from_second_application(api: ServeInstance, models: dict[st
     over_http = api.post("/v1/infer", json=infer_body(sd_id(models), id="h1"), headers=api.auth()).json()
     assert generated.images[0].base64 == over_http["images"][0]["base64"]
     assert len(classified.predictions) == 2
+
+
+# --- loader lifecycle -----------------------------------------------------------------------
+
+def test_replicas_get_a_new_loader_when_it_dies(
+    api: ServeInstance, models: dict[str, dict[str, Any]]
+) -> None:
+    import ray
+
+    from deployments.model_loader import LOADER_NAMESPACE, loader_name
+    from tests.serve_harness import APP_NAME
+
+    name = loader_name(APP_NAME, ray.get_runtime_context().get_node_id())
+    old = ray.get_actor(name, namespace=LOADER_NAMESPACE)
+    old_pid = ray.get(old.stats.remote(), timeout=30)["pid"]
+    ray.kill(old, no_restart=True)
+
+    response = api.get("/v1/models", headers=api.auth())
+    assert response.status_code == 200, response.text
+    assert {m["name"] for m in response.json()["models"]} >= {"tiny-sd", "tiny-classifier"}
+    new = ray.get_actor(name, namespace=LOADER_NAMESPACE)
+    assert ray.get(new.stats.remote(), timeout=30)["pid"] != old_pid
+    # the model deployments keep serving the models they hold
+    response = api.post("/v1/infer", json=infer_body(sd_id(models), seed=5), headers=api.auth())
+    assert response.status_code == 200, response.text
