@@ -52,6 +52,7 @@ lint: install-test
 
 bench: install-test
 	$(PY) -m bench.sealing
+	$(PY) -m bench.sealed_fetch
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

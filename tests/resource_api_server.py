@@ -4,7 +4,8 @@
 SQLite file and random secrets (production mode, so nothing is generated behind the test's back),
 waits for ``/health`` with a deadline and returns a handle. Users and the CDN config are added
 through the same CLI an operator uses, passwords and keys passed in environment variables.
-``stop()`` ends the process by its PID.
+``stop()`` ends the process by its PID. :class:`RecordingSession`, given to a ``ResourceClient``,
+records every request it makes, so a test can assert exactly what went over the wire.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -27,13 +30,31 @@ from lib.cdn_config import CdnConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_DEADLINE_S = 30.0
 # The real console entry point (`sealserve = lib.cli:main`), without depending on the script's path.
-_CLI = [sys.executable, "-c", "import sys; from lib.cli import main; sys.exit(main())"]
+SEALSERVE_CLI = [sys.executable, "-c", "import sys; from lib.cli import main; sys.exit(main())"]
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class RecordingSession(requests.Session):
+    """Records (method, path, status or exception name) of every request the client makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        path = urlsplit(str(url)).path
+        try:
+            response = super().request(method, url, *args, **kwargs)
+        except requests.RequestException as exc:
+            self.calls.append((str(method), path, type(exc).__name__))
+            raise
+        self.calls.append((str(method), path, response.status_code))
+        return response
 
 
 @dataclass
@@ -50,7 +71,7 @@ class ResourceApiServer:
     def cli(self, *argv: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``sealserve resource-api ARGV`` against this server's database; raise on failure."""
         result = subprocess.run(
-            [*_CLI, "resource-api", *argv], cwd=REPO_ROOT, env={**self.env, **(extra_env or {})},
+            [*SEALSERVE_CLI, "resource-api", *argv], cwd=REPO_ROOT, env={**self.env, **(extra_env or {})},
             capture_output=True, text=True, timeout=60, check=False,
         )
         if result.returncode != 0:
@@ -106,7 +127,7 @@ def start_resource_api_server(
         "RESOURCE_API_ENV": "production",
         "RESOURCE_API_DATABASE_URL": f"sqlite:///{workdir / 'resource-api.db'}",
     }
-    argv = [*_CLI, "resource-api", "serve", "--host", "127.0.0.1", "--port", str(port),
+    argv = [*SEALSERVE_CLI, "resource-api", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--token-ttl", str(token_ttl_seconds), "--token-leeway", str(token_leeway_seconds)]
     if max_upload_bytes is not None:
         argv += ["--max-upload-bytes", str(max_upload_bytes)]

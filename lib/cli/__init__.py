@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lib.cli.seal",
     "lib.cli.keys",
     "lib.cli.resource_api",
+    "lib.cli.publish",
 )
 
 

@@ -8,8 +8,6 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -22,7 +20,12 @@ from lib.keywrap import NodeKeyPair
 from lib.resource_client import ResourceClient
 from lib.retry import RetryPolicy
 from lib.sealing import generate_key, open_stream, seal_stream, split_point
-from tests.resource_api_server import ResourceApiServer, free_port, start_resource_api_server
+from tests.resource_api_server import (
+    RecordingSession,
+    ResourceApiServer,
+    free_port,
+    start_resource_api_server,
+)
 
 TOKEN_TTL_S = 2
 PUBLISHER = ("publisher@example.com", "integration-publisher-pw")
@@ -31,24 +34,6 @@ PINNED = ("pinned@example.com", "integration-pinned-pw")
 FP_A = node_fingerprint(machine_id_path=os.devnull, hostname="node-a", gpu_uuids=["GPU-a"])
 FP_B = node_fingerprint(machine_id_path=os.devnull, hostname="node-b", gpu_uuids=["GPU-b"])
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2)
-
-
-class RecordingSession(requests.Session):
-    """Records (method, path, status or exception name) of every request the client makes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, str, Any]] = []
-
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
-        path = urlsplit(str(url)).path
-        try:
-            response = super().request(method, url, *args, **kwargs)
-        except requests.RequestException as exc:
-            self.calls.append((str(method), path, type(exc).__name__))
-            raise
-        self.calls.append((str(method), path, response.status_code))
-        return response
 
 
 @pytest.fixture(scope="module")

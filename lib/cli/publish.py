@@ -1,0 +1,136 @@
+"""``sealserve publish PATH --name NAME --folder FOLDER``: seal a model and publish it (DESIGN §3).
+
+A publisher needs only resource API credentials: the S3 side comes from the CDN config the
+resource API releases (wrapped to a throwaway key pair of this process). ``--bucket`` (with
+``--cdn-endpoint-url`` for a non-AWS store) and ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
+override it. Passwords and keys come from the environment (or a prompt), never the command line.
+
+The id is printed alone on the last line, so ``id=$(sealserve publish ... | tail -n1)`` works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from lib.cdn import CdnClient
+from lib.cdn_config import CdnConfig
+from lib.errors import BadRequestError
+from lib.fingerprint import node_fingerprint
+from lib.keywrap import NodeKeyPair
+from lib.publish import DEFAULT_SMALL_SIZE_KB, KINDS, publish_model
+from lib.resource_client import ResourceClient
+from lib.sealing import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE
+
+URL_ENV = "RESOURCE_API_URL"
+EMAIL_ENV = "RESOURCE_API_EMAIL"
+PASSWORD_ENV = "RESOURCE_API_PASSWORD"  # noqa: S105 - the name of a variable, not a password
+ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 - the name of a variable
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser(
+        "publish", help="seal a model and publish it (big part to S3, small part and key to the resource API)"
+    )
+    add = parser.add_argument
+    add("path", type=Path, metavar="PATH", help="model file, or model directory (published as a tar)")
+    add("--name", required=True, help="resource name, e.g. tiny-sd")
+    add("--folder", required=True, help="resource folder, e.g. models")
+    add("--kind", choices=KINDS, default=None, help="model kind (default: detected from the files)")
+    add("--small-size-kb", type=_int_in(0, 1 << 20), default=DEFAULT_SMALL_SIZE_KB, metavar="KB",
+        help=f"at most this many KiB stay with the resource API (default {DEFAULT_SMALL_SIZE_KB})")
+    add("--segment-size", type=_int_in(1, MAX_SEGMENT_SIZE), default=DEFAULT_SEGMENT_SIZE, metavar="BYTES",
+        help=f"plaintext bytes per sealed segment (default {DEFAULT_SEGMENT_SIZE})")
+    add("--work-dir", type=Path, default=None, help="where temporary files go (default: the system temp dir)")
+    add("--resource-api", metavar="URL", default=None, help=f"resource API URL (default ${URL_ENV})")
+    add("--email", default=None,
+        help=f"publisher email (default ${EMAIL_ENV}); the password comes from ${PASSWORD_ENV} or a prompt")
+    add("--cdn-endpoint-url", default=None,
+        help="override: S3-compatible endpoint for the big part (needs --bucket)")
+    add("--bucket", default=None,
+        help=f"override: bucket for the big part instead of the resource API's CDN config "
+             f"(keys from ${ACCESS_KEY_ENV} and ${SECRET_KEY_ENV})")
+    add("--region", default="us-east-1", help="override: bucket region (default us-east-1)")
+    parser.set_defaults(func=_publish)
+
+
+def _required(value: str | None, flag: str, env: str) -> str:
+    value = value or os.environ.get(env, "")
+    if not value:
+        raise BadRequestError(f"no {flag.lstrip('-').replace('-', ' ')}: pass {flag} or set ${env}")
+    return value
+
+
+def _password() -> str:
+    password = os.environ.get(PASSWORD_ENV, "")
+    if password:
+        return password
+    if not sys.stdin.isatty():
+        raise BadRequestError(f"no password: set ${PASSWORD_ENV} (or run in a terminal to be prompted)")
+    return getpass.getpass("resource API password: ")
+
+
+def _override_config(args: argparse.Namespace) -> CdnConfig | None:
+    if args.bucket is None:
+        if args.cdn_endpoint_url is not None:
+            raise BadRequestError("--cdn-endpoint-url needs --bucket")
+        return None
+    access, secret = os.environ.get(ACCESS_KEY_ENV, ""), os.environ.get(SECRET_KEY_ENV, "")
+    if not access or not secret:
+        raise BadRequestError(f"--bucket needs ${ACCESS_KEY_ENV} and ${SECRET_KEY_ENV} in the environment")
+    try:
+        return CdnConfig(endpoint_url=args.cdn_endpoint_url, bucket=args.bucket, region=args.region,
+                         access_key_id=access, secret_access_key=SecretStr(secret))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise BadRequestError(f"invalid S3 settings: {where}: {first['msg']}") from None
+
+
+def _publish(args: argparse.Namespace) -> int:
+    url = _required(args.resource_api, "--resource-api", URL_ENV)
+    email = _required(args.email, "--email", EMAIL_ENV)
+    override = _override_config(args)  # checked before any network call
+    resources = ResourceClient(url, email, _password())
+    try:
+        # The released config is wrapped to a key pair that lives only as long as this process.
+        config = override or resources.cdn_config(NodeKeyPair.generate(), node_fingerprint())
+        cdn = CdnClient(config)
+        try:
+            result = publish_model(
+                args.path, name=args.name, folder=args.folder, resources=resources, cdn=cdn,
+                small_size_kb=args.small_size_kb, segment_size=args.segment_size, kind=args.kind,
+                work_dir=args.work_dir,
+            )
+        except OSError as exc:
+            raise BadRequestError(f"publishing {args.path} failed: {exc.strerror or exc}") from None
+        finally:
+            cdn.close()
+    finally:
+        resources.close()
+    print(f"{result.status}: {result.folder}/{result.name} ({result.plaintext_size} bytes plaintext, "
+          f"{result.sealed_size} sealed: {result.small_size} on the resource API, "
+          f"{result.sealed_size - result.small_size} at s3://{config.bucket}/{result.big_key})")
+    print(result.id)
+    return 0

@@ -1,0 +1,436 @@
+"""Publish a model sealed: seal it, put the big part on S3 and the small part and DEK on the resource API.
+
+DESIGN §3 ("Sealed model format (v1)", "Resource API"). A model file is published as it is; a
+model directory is first packed into a *deterministic* tar (:func:`pack_directory`), so that the
+model id — the sha256 of the plaintext file — depends on the content only, not on file order,
+mtimes, owners or umask. Then::
+
+    DEK = generate_key()
+    sealed = seal(plaintext, DEK)               # streamed: the small part stays in memory,
+    small, big = sealed[:cut], sealed[cut:]     # the big part goes to a temp file
+    S3:           {folder}/{name}/{id}.big  <- big          (first)
+    resource API: (folder, name)            <- small + manifest + DEK   (last)
+
+The big part is uploaded (and its size checked) before the manifest, so a failure can leave at
+most an orphan object on S3, never a manifest that points to a missing big part.
+
+Publishing is idempotent: when the resource API already lists (folder, name) with the same id and
+sealing parameters, and the big object is on S3 with the size that manifest expects, nothing is
+sealed or uploaded and the status is "unchanged".
+
+Temporary files (the tar of a directory, the big part) live in a private directory under
+``work_dir`` (default: the system temp dir) that is removed in every case. The tar is plaintext
+of the publisher's own model, which is already on this disk; the DEK only ever exists in memory.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import logging
+import os
+import re
+import stat
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol, get_args
+
+from lib.digest import sha256_file
+from lib.errors import BadRequestError, IntegrityError, NotFoundError
+from lib.model_files import recognise
+from lib.resource_api.schemas import NAME_PATTERN, UploadResponse, UploadStatus
+from lib.schemas import ModelKind
+from lib.sealing import (
+    DEFAULT_SEGMENT_SIZE,
+    MAX_SEGMENT_SIZE,
+    generate_key,
+    seal_stream,
+    sealed_size,
+    split_point,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+log = logging.getLogger(__name__)
+
+KINDS: tuple[str, ...] = get_args(ModelKind)
+DEFAULT_SMALL_SIZE_KB = 1024
+_CHUNK = 1 << 20
+_DIR_MODE = 0o755
+_FILE_MODE = 0o644
+_EXEC_FILE_MODE = 0o755
+
+
+class PublishError(BadRequestError):
+    """The model cannot be published as given (bad path, link, special file, unknown kind)."""
+
+    code = "publish_error"
+
+
+class ResourceStore(Protocol):
+    """The part of :class:`lib.resource_client.ResourceClient` publishing uses."""
+
+    def list(self, folder: str) -> builtins.list[dict[str, Any]]: ...
+
+    def upload(
+        self, folder: str, name: str, small_part: bytes, manifest: dict[str, Any], dek: bytes
+    ) -> UploadResponse: ...
+
+
+class BigPartStore(Protocol):
+    """The part of :class:`lib.cdn.CdnClient` publishing uses."""
+
+    bucket: str
+
+    def ensure_bucket(self) -> None: ...
+
+    def object_size(self, key: str) -> int: ...
+
+    def upload_file(self, path: Path, key: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    id: str
+    name: str
+    folder: str
+    status: UploadStatus
+    plaintext_size: int
+    sealed_size: int
+    small_size: int
+    big_key: str
+
+
+# -- deterministic tar ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    rel: str  # POSIX path relative to the packed directory
+    path: Path
+    is_dir: bool
+    executable: bool
+
+
+def _scan(root: Path) -> list[_Entry]:
+    """Every directory and regular file under ``root``, sorted; links and special files refused.
+
+    Hidden names (``.git``, ``.cache/huggingface`` download metadata with timestamps) are left out,
+    as the catalog leaves them out: they are not the model, and they would make its id unstable.
+    """
+    entries: list[_Entry] = []
+    pending: list[tuple[Path, str]] = [(root, "")]
+    while pending:
+        directory, prefix = pending.pop()
+        with os.scandir(directory) as listing:
+            for item in listing:
+                if item.name.startswith("."):
+                    continue
+                rel = prefix + item.name
+                _check_name(rel)
+                mode = item.stat(follow_symlinks=False).st_mode
+                if stat.S_ISLNK(mode):
+                    # A link can point outside the model, and a tar entry for it would be
+                    # extracted as a link on the node: neither is something to seal blindly.
+                    raise PublishError(f"{rel} in {root} is a symbolic link; copy its target in instead")
+                if stat.S_ISDIR(mode):
+                    entries.append(_Entry(rel, Path(item.path), is_dir=True, executable=True))
+                    pending.append((Path(item.path), rel + "/"))
+                elif stat.S_ISREG(mode):
+                    entries.append(_Entry(rel, Path(item.path), is_dir=False, executable=bool(mode & 0o111)))
+                else:
+                    raise PublishError(f"{rel} in {root} is not a regular file or directory")
+    # A parent sorts before its children (a string sorts before its extensions), as extraction needs.
+    entries.sort(key=lambda entry: entry.rel)
+    return entries
+
+
+def _check_name(rel: str) -> None:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        # A name that is not valid UTF-8 (surrogate-escaped bytes) would be mangled in the tar.
+        raise PublishError(f"{rel.encode('utf-8', 'replace').decode()!r} is not a UTF-8 file name") from None
+
+
+def _tarinfo(entry: _Entry, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(entry.rel)
+    info.type = tarfile.DIRTYPE if entry.is_dir else tarfile.REGTYPE
+    info.mode = _DIR_MODE if entry.is_dir else (_EXEC_FILE_MODE if entry.executable else _FILE_MODE)
+    info.size = size
+    # Ints, not floats: a float mtime would add a PAX header with the fraction.
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class _Hashing:
+    """Wraps a file to hash and count the bytes read from or written to it.
+
+    Writing: tarfile's output, so the tar's id needs no second pass (tarfile also needs ``tell``).
+    Reading: sealing's input, proving the sealed bytes are the ones the id was computed over.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        view = memoryview(data).cast("B")
+        self._digest.update(view)
+        self._raw.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def read(self, size: int = -1, /) -> bytes:
+        chunk = self._raw.read(size)
+        self._digest.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    def tell(self) -> int:
+        return self.size
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def pack_directory(src: Path, dst: Path) -> tuple[str, int]:
+    """Write the tar of directory ``src`` to the file ``dst``; return its (sha256 hex, size).
+
+    Entries are the sorted relative paths of directories and regular files; mtime 0, uid/gid 0,
+    no user or group names, mode 0755 for directories and executables, 0644 otherwise; hard links
+    become plain copies. So equal trees give identical bytes, whatever the order or time they
+    were written in. PAX format: long and non-ASCII names and files over 8 GiB need no GNU quirks.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise PublishError(f"{src} is not a directory")
+    with Path(dst).open("wb") as out:
+        writer = _Hashing(out)
+        # encoding pinned: tarfile would otherwise take the locale's, and the bytes must not vary.
+        with tarfile.open(
+            fileobj=writer, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8"  # type: ignore[call-overload]
+        ) as tar:
+            for entry in _scan(src):
+                if entry.is_dir:
+                    tar.addfile(_tarinfo(entry, 0))
+                    continue
+                # O_NOFOLLOW: a file swapped for a link after the scan is refused, not followed.
+                try:
+                    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+                except OSError as exc:
+                    raise PublishError(f"cannot read {entry.rel} in {src}: {exc.strerror}") from None
+                with os.fdopen(fd, "rb") as handle:
+                    st = os.fstat(handle.fileno())
+                    if not stat.S_ISREG(st.st_mode):
+                        raise PublishError(f"{entry.rel} in {src} is not a regular file")
+                    tar.addfile(_tarinfo(entry, st.st_size), handle)
+    return writer.hexdigest(), writer.size
+
+
+# -- kind -----------------------------------------------------------------------------------------
+
+
+def detect_kind(path: Path, kind: str | None = None) -> str:
+    """``kind`` if given (checked against the known kinds), else what :func:`recognise` finds."""
+    if kind is not None:
+        if kind not in KINDS:
+            raise PublishError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+        return kind
+    recognition = recognise(path)
+    if recognition.kind is None:
+        raise PublishError(
+            f"{path} is not a recognised model ({recognition.error}); "
+            "give its kind (--kind) to publish it anyway"
+        )
+    return recognition.kind
+
+
+# -- sealing into two parts -----------------------------------------------------------------------
+
+
+class _SplitSink:
+    """The first ``cut`` bytes go to memory (the small part), the rest to the big-part file.
+
+    Splitting while sealing avoids writing the whole sealed file and then copying it in two.
+    """
+
+    def __init__(self, cut: int, big: IO[bytes]) -> None:
+        self._cut = cut
+        self._big = big
+        self.small = bytearray()
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        view = memoryview(data).cast("B")
+        room = self._cut - len(self.small)
+        if room > 0:
+            self.small += view[:room]  # copies: seal_stream reuses its buffer
+            view = view[room:]
+        if view:
+            self._big.write(view)
+        return memoryview(data).nbytes
+
+
+def _seal_split(
+    plaintext: Path, big_path: Path, dek: bytes, *, model_id: str, plaintext_size: int,
+    segment_size: int, small_size_kb: int,
+) -> tuple[bytes, int, int]:
+    """Seal into a small part (memory) and a big part (``big_path``); return (small, sealed, big size)."""
+    total = sealed_size(plaintext_size, segment_size)
+    cut = split_point(total, small_size_kb)
+    with plaintext.open("rb") as raw, big_path.open("wb") as big:
+        reader = _Hashing(raw)
+        sink = _SplitSink(cut, big)
+        written = seal_stream(reader, sink, dek, segment_size=segment_size)
+    if written != total or reader.size != plaintext_size or reader.hexdigest() != model_id:
+        # The model file changed between hashing and sealing: its id would not match its content.
+        raise PublishError(f"{plaintext} changed while it was being published; try again")
+    return bytes(sink.small), total, total - cut
+
+
+# -- publishing -----------------------------------------------------------------------------------
+
+
+def big_key_for(folder: str, name: str, model_id: str) -> str:
+    """The S3 key of a model's big part; the id in it keeps every version's big part apart."""
+    return f"{folder}/{name}/{model_id}.big"
+
+
+def _check_arguments(path: Path, name: str, folder: str, small_size_kb: int, segment_size: int) -> None:
+    # Checked before any work: a name the resource API rejects must not cost a seal and an upload.
+    for what, value in (("name", name), ("folder", folder)):
+        if not re.fullmatch(NAME_PATTERN, value):
+            raise PublishError(f"{what} {value!r} must match {NAME_PATTERN}")
+    if small_size_kb < 0:
+        raise PublishError("small_size_kb must not be negative")
+    if not 1 <= segment_size <= MAX_SEGMENT_SIZE:
+        raise PublishError(f"segment size must be between 1 and {MAX_SEGMENT_SIZE} bytes")
+    if not path.exists():
+        raise PublishError(f"{path} does not exist")
+    if not (path.is_file() or path.is_dir()):
+        raise PublishError(f"{path} is not a regular file or directory")
+
+
+def _find(manifests: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((m for m in manifests if m.get("name") == name), None)
+
+
+def _is_current(
+    existing: Mapping[str, Any], *, model_id: str, kind: str, plaintext_size: int, segment_size: int,
+    small_size_kb: int, is_directory: bool, big_key: str,
+) -> bool:
+    """Whether ``existing`` is what publishing now would produce (bar the random DEK, salt, nonces)."""
+    expected_sealed = sealed_size(plaintext_size, segment_size)
+    return (
+        existing.get("id") == model_id
+        and existing.get("big_key") == big_key
+        and existing.get("kind") == kind
+        and existing.get("is_directory") == is_directory
+        and existing.get("segment_size") == segment_size
+        and existing.get("plaintext_size") == plaintext_size
+        and existing.get("sealed_size") == expected_sealed
+        and existing.get("small_size") == split_point(expected_sealed, small_size_kb)
+    )
+
+
+def _big_part_intact(cdn: BigPartStore, key: str, expected_size: int) -> bool:
+    try:
+        return cdn.object_size(key) == expected_size
+    except NotFoundError:
+        return False
+
+
+def publish_model(
+    path: Path,
+    *,
+    name: str,
+    folder: str,
+    resources: ResourceStore,
+    cdn: BigPartStore,
+    small_size_kb: int = DEFAULT_SMALL_SIZE_KB,
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    kind: str | None = None,
+    work_dir: Path | None = None,
+) -> PublishResult:
+    """Seal the model at ``path`` and publish it as (folder, name); see the module docstring.
+
+    ``resources`` is a :class:`~lib.resource_client.ResourceClient` logged in as a publisher,
+    ``cdn`` a :class:`~lib.cdn.CdnClient` for the bucket nodes download from. Network failures
+    surface as the clients' errors (after their bounded retries); nothing partial is left that a
+    node could mistake for a published model.
+    """
+    # resolve(): a model given as a link (a Hugging Face snapshot file) is published by content.
+    path = Path(path).resolve()
+    _check_arguments(path, name, folder, small_size_kb, segment_size)
+    model_kind = detect_kind(path, kind)
+    is_directory = path.is_dir()
+    # First, before any long packing or hashing: wrong credentials or an unreachable API fail fast.
+    existing = _find(resources.list(folder), name)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    # mkdtemp makes the directory 0700: the tar inside is the plaintext model.
+    with tempfile.TemporaryDirectory(prefix=".sealserve-publish-", dir=work_dir) as tmp:
+        work = Path(tmp)
+        if is_directory:
+            plaintext = work / "model.tar"
+            log.info("packing %s into a deterministic tar", path)
+            model_id, plaintext_size = pack_directory(path, plaintext)
+        else:
+            plaintext = path
+            plaintext_size = path.stat().st_size
+            model_id = sha256_file(path)
+        big_key = big_key_for(folder, name, model_id)
+
+        if existing is not None and _is_current(
+            existing, model_id=model_id, kind=model_kind, plaintext_size=plaintext_size,
+            segment_size=segment_size, small_size_kb=small_size_kb, is_directory=is_directory,
+            big_key=big_key,
+        ) and _big_part_intact(cdn, big_key, existing["sealed_size"] - existing["small_size"]):
+            log.info("%s/%s is already published with id %s; nothing to do", folder, name, model_id)
+            return PublishResult(
+                id=model_id, name=name, folder=folder, status="unchanged", plaintext_size=plaintext_size,
+                sealed_size=existing["sealed_size"], small_size=existing["small_size"], big_key=big_key,
+            )
+        if existing is not None and existing.get("id") == model_id:
+            # Same content, other parameters or a missing big part: the same key is rewritten, so
+            # a node fetching between the two uploads gets an IntegrityError, never wrong weights.
+            log.warning("re-sealing %s/%s (id %s): the published copy differs or is incomplete",
+                        folder, name, model_id)
+
+        dek = generate_key()
+        big_path = work / "model.big"
+        log.info("sealing %s (%d bytes, id %s)", path, plaintext_size, model_id)
+        small, total, big_size = _seal_split(
+            plaintext, big_path, dek, model_id=model_id, plaintext_size=plaintext_size,
+            segment_size=segment_size, small_size_kb=small_size_kb,
+        )
+        if is_directory:
+            plaintext.unlink()  # no need to keep the plaintext tar through the uploads
+
+        cdn.ensure_bucket()
+        log.info("uploading the big part (%d bytes) to s3://%s/%s", big_size, cdn.bucket, big_key)
+        cdn.upload_file(big_path, big_key)
+        # Proof the big part landed whole before a manifest may point at it.
+        landed = cdn.object_size(big_key)
+        if landed != big_size:
+            raise IntegrityError(f"s3://{cdn.bucket}/{big_key} holds {landed} bytes after upload, "
+                                 f"expected {big_size}")
+
+        manifest: dict[str, Any] = {
+            "id": model_id, "name": name, "kind": model_kind, "plaintext_size": plaintext_size,
+            "sealed_size": total, "small_size": len(small), "big_key": big_key,
+            "segment_size": segment_size, "is_directory": is_directory,
+        }
+        response = resources.upload(folder, name, small, manifest, dek)
+        log.info("published %s/%s: %s (id %s)", folder, name, response.status, model_id)
+        return PublishResult(
+            id=model_id, name=name, folder=folder, status=response.status, plaintext_size=plaintext_size,
+            sealed_size=total, small_size=len(small), big_key=big_key,
+        )
