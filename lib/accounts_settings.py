@@ -1,14 +1,17 @@
 """Settings for accounts, API keys, usage recording and tokens; composed into the app settings.
 
 The token secret is deliberately not a field: secrets come from the environment, read by the code
-that builds the :class:`lib.tokens.TokenService`.
+that builds the :class:`lib.tokens.TokenService`. The tokens' ``iss`` and ``aud`` are the app
+settings ``jwt_issuer`` and ``jwt_audience`` (one definition for issuing and verifying).
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from lib.db import resolve_database_url
+from lib.errors import ValidationFailedError
+from lib.rate_limit import RateLimitSpec, parse_rate_limit
 
 
 class AccountsSettings(BaseModel):
@@ -18,8 +21,9 @@ class AccountsSettings(BaseModel):
         default=None,
         description=(
             "SQLAlchemy URL of the accounts database, e.g. "
-            "postgresql+psycopg://user:password@host:5432/sealserve. Unset: $DATABASE_URL, else "
-            "the SQLite file .sealserve/sealserve.db. Secret because it may hold a password."
+            "postgresql+psycopg://user@host:5432/sealserve. Unset: $DATABASE_URL, else the SQLite "
+            "file sealserve.db in the app's state_dir (.sealserve/ for the CLI). Secret because it "
+            "may hold a password; the app refuses one in its args (set DATABASE_URL or PGPASSWORD)."
         ),
     )
     key_cache_ttl_s: float = Field(
@@ -43,7 +47,11 @@ class AccountsSettings(BaseModel):
         default=500, ge=1, le=10_000, description="Most usage records written in one transaction."
     )
     usage_flush_interval_s: float = Field(
-        default=1.0, gt=0, le=60, description="Seconds between usage writes when batches are not full."
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Seconds between usage writes when batches are not full (usage reports lag by up "
+        "to this much; a graceful shutdown writes what is queued).",
     )
     usage_max_queue: int = Field(
         default=100_000,
@@ -54,12 +62,26 @@ class AccountsSettings(BaseModel):
     token_ttl_s: int = Field(
         default=900, ge=60, le=86_400, description="Lifetime in seconds of the JWTs issued for an API key."
     )
-    token_issuer: str = Field(
-        default="sealserve", min_length=1, description="The iss claim of issued JWTs, required on verify."
+    bootstrap_rate_limit: str | None = Field(
+        default="1000/minute",
+        description="Rate limit of the bootstrap keys (API_KEYS, the development key) and of tokens "
+        "whose subject is no stored key, as N/second|minute|hour|day; null: unlimited, and their "
+        "responses carry no X-RateLimit-* headers.",
     )
-    token_audience: str = Field(
-        default="sealserve-api", min_length=1, description="The aud claim of issued JWTs, required on verify."
-    )
+
+    @field_validator("bootstrap_rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(parse_rate_limit(value))
+        except ValidationFailedError as exc:
+            raise ValueError(exc.message) from None
+
+    @property
+    def bootstrap_rate_limit_spec(self) -> RateLimitSpec | None:
+        return parse_rate_limit(self.bootstrap_rate_limit) if self.bootstrap_rate_limit else None
 
     def resolved_database_url(self) -> str:
         """The URL to connect to, after the $DATABASE_URL and SQLite fallbacks."""

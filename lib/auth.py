@@ -1,30 +1,53 @@
-"""Who is calling: ``Authorization: Bearer <API key | JWT>`` to a ``Principal`` with scopes."""
+"""Who is calling: ``Authorization: Bearer <API key | JWT>`` to a ``Principal`` with scopes and a limit.
+
+Three kinds of credential are accepted, checked in this order:
+
+* a JWT (three dot-separated segments; API keys never contain a dot), verified by the
+  :class:`lib.tokens.TokenService`. Its ``sub`` is the id of the API key it was issued for: that
+  key must still be usable (a token dies with its key, within the lookup cache's TTL), its scopes
+  bound the token's, and its rate limit applies. A token whose subject is no stored key (a bootstrap
+  key's token, or one minted by an operator holding ``SECRET_KEY``) keeps its own scopes and gets
+  the bootstrap rate limit;
+* a bootstrap key from ``API_KEYS`` (all scopes, the bootstrap rate limit);
+* a stored API key, found through ``lookup_key`` (the per-replica :class:`lib.key_cache.KeyCache`).
+
+The lookups are synchronous and may hit the database on a cache miss, so an async caller runs
+:meth:`Authenticator.authenticate` in a thread (:class:`lib.request_gate.RequestGate` does).
+"""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal, Protocol
 
+from lib.account_records import KeyRecord, Scope, hash_api_key
+from lib.db import utc_now
 from lib.errors import AuthenticationError, PermissionDeniedError
+from lib.rate_limit import RateLimitSpec
 from lib.tokens import looks_like_jwt
 
-Scope = Literal["infer", "classify", "admin"]
-ALL_SCOPES: frozenset[str] = frozenset({"infer", "classify", "admin"})
+ALL_SCOPES: frozenset[str] = frozenset(scope.value for scope in Scope)
+BOOTSTRAP_SUBJECT_PREFIX = "bootstrap:"
 # One message for every failure: a caller learns nothing about why a credential was refused.
 INVALID_CREDENTIALS = "invalid or expired credentials"
 
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller. ``subject`` identifies the key (never the key itself)."""
+    """An authenticated caller.
+
+    ``subject`` identifies the credential without revealing it: a stored key's id (also the ``sub``
+    of the JWTs issued for it), or ``bootstrap:`` and 12 hex digits of a bootstrap key's hash. It is
+    what rate limits and usage are counted against. ``rate_limit`` None means unlimited.
+    """
 
     subject: str
     scopes: frozenset[str]
     method: Literal["api_key", "jwt"]
-    rate_limit: str | None = None
+    rate_limit: RateLimitSpec | None = None
 
 
 class _Claims(Protocol):
@@ -39,16 +62,15 @@ class TokenVerifier(Protocol):
     def verify(self, token: str) -> _Claims: ...
 
 
-KeyLookup = Callable[[str], Principal | None]
+KeyLookup = Callable[[str], KeyRecord | None]
 
 
-def key_digest(key: str) -> bytes:
-    # API keys are >= 32 random bytes, so a plain SHA-256 is a safe at-rest form of them.
-    return hashlib.sha256(key.encode()).digest()
+def bootstrap_subject(key: str) -> str:
+    return BOOTSTRAP_SUBJECT_PREFIX + hash_api_key(key)[:12]
 
 
 class Authenticator:
-    """Checks bearer credentials: bootstrap API keys, stored API keys, then JWTs."""
+    """Checks bearer credentials: JWTs, bootstrap API keys, then stored API keys."""
 
     def __init__(
         self,
@@ -56,10 +78,19 @@ class Authenticator:
         tokens: TokenVerifier,
         bootstrap_keys: Sequence[str] = (),
         lookup_key: KeyLookup | None = None,
+        lookup_key_id: KeyLookup | None = None,
+        bootstrap_rate_limit: RateLimitSpec | None = None,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
+        """``lookup_key``: plaintext key -> its *usable* record, or None (e.g. ``KeyCache.get``).
+        ``lookup_key_id``: key id -> its record, revoked and expired ones included, or None (e.g. a
+        cached ``AccountStore.get_key``)."""
         self._tokens = tokens
-        self._bootstrap = [key_digest(k) for k in bootstrap_keys if k]
+        self._bootstrap = [hash_api_key(k).encode("ascii") for k in bootstrap_keys if k]
         self._lookup_key = lookup_key
+        self._lookup_key_id = lookup_key_id
+        self._bootstrap_rate_limit = bootstrap_rate_limit
+        self._clock = clock
 
     def authenticate(self, authorization: str | None) -> Principal:
         scheme, _, credential = (authorization or "").strip().partition(" ")
@@ -67,27 +98,42 @@ class Authenticator:
         if scheme.lower() != "bearer" or not credential:
             raise AuthenticationError("missing bearer credentials: send 'Authorization: Bearer <key>'")
         if looks_like_jwt(credential):
-            try:
-                claims = self._tokens.verify(credential)
-            except AuthenticationError:
-                raise AuthenticationError(INVALID_CREDENTIALS) from None
-            return Principal(claims.subject, frozenset(claims.scopes), "jwt")
-        digest = key_digest(credential)
+            return self._token_principal(credential)
+        digest = hash_api_key(credential).encode("ascii")
         # Compare against every bootstrap key so the time taken does not tell which one matched.
         matched = False
         for known in self._bootstrap:
             matched |= hmac.compare_digest(digest, known)
         if matched:
-            return Principal(f"bootstrap:{digest.hex()[:12]}", ALL_SCOPES, "api_key")
+            return Principal(bootstrap_subject(credential), ALL_SCOPES, "api_key", self._bootstrap_rate_limit)
         if self._lookup_key is not None:
-            principal = self._lookup_key(credential)
-            if principal is not None:
-                return principal
+            record = self._lookup_key(credential)
+            if record is not None:
+                return Principal(record.id, frozenset(record.scopes), "api_key", record.rate_limit_spec)
         raise AuthenticationError(INVALID_CREDENTIALS)
 
+    def _token_principal(self, token: str) -> Principal:
+        try:
+            claims = self._tokens.verify(token)
+        except AuthenticationError:
+            raise AuthenticationError(INVALID_CREDENTIALS) from None
+        scopes = ALL_SCOPES.intersection(claims.scopes)
+        subject = claims.subject
+        if self._lookup_key_id is not None and not subject.startswith(BOOTSTRAP_SUBJECT_PREFIX):
+            record = self._lookup_key_id(subject)
+            if record is not None:
+                if not record.is_usable(self._clock()):
+                    raise AuthenticationError(INVALID_CREDENTIALS)
+                return Principal(
+                    subject, scopes.intersection(record.scopes), "jwt", record.rate_limit_spec
+                )
+        return Principal(subject, scopes, "jwt", self._bootstrap_rate_limit)
 
-def require_scope(principal: Principal, scope: str, *, allowed: Collection[str] = ALL_SCOPES) -> None:
-    if scope not in allowed:
-        raise ValueError(f"unknown scope {scope}")
-    if scope not in principal.scopes:
-        raise PermissionDeniedError(f"this credential lacks the '{scope}' scope")
+
+def require_scope(principal: Principal, scope: Scope | str) -> None:
+    try:
+        name = Scope(scope).value
+    except ValueError:  # a route asking for a scope that does not exist is a bug, not a 403
+        raise ValueError(f"unknown scope {str(scope)[:20]!r}") from None
+    if name not in principal.scopes:
+        raise PermissionDeniedError(f"this credential lacks the '{name}' scope")

@@ -1,0 +1,110 @@
+"""ASGI middleware: the rate-limit headers and the usage record of every admitted request.
+
+The route's auth dependency stores its :class:`lib.request_gate.Admission` in the request state
+(:func:`attach_admission`); from then on this middleware adds the admission's ``X-RateLimit-*`` /
+``Retry-After`` headers to the response, whatever produced it (the route, or an error handler
+answering a 403, 422, 429, 504 ...), and, once the response is sent, hands a usage record to
+``record`` (``UsageRecorder.record``: a queue append, never a database call). A request that never
+got past authentication has no admission and is neither decorated nor recorded.
+
+Written against the ASGI spec alone (no Starlette import), like the rest of ``lib/``. An unhandled
+exception leaves this middleware before any response is sent: it is recorded as a 500 and
+re-raised for the outermost error handler, which adds the headers itself (see
+``deployments/ingress.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from lib.account_records import UsageRecord
+from lib.request_gate import Admission, usage_record
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+ADMISSION_STATE_KEY = "admission"
+
+log = logging.getLogger(__name__)
+
+
+def attach_admission(scope: Scope, admission: Admission) -> None:
+    scope.setdefault("state", {})[ADMISSION_STATE_KEY] = admission
+
+
+def admission_of(scope: Scope) -> Admission | None:
+    found = scope.get("state", {}).get(ADMISSION_STATE_KEY)
+    return found if isinstance(found, Admission) else None
+
+
+def endpoint_of(scope: Scope) -> str:
+    """``METHOD /route/{template}``: the matched route's template, so ids in paths do not become
+    endpoints of their own (FastAPI puts the matched route in the scope)."""
+    route_path = getattr(scope.get("route"), "path", None)
+    return f"{scope.get('method', '?')} {route_path or 'unmatched'}"
+
+
+class GateMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        record: Callable[[UsageRecord], object],
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.app = app
+        self._record = record
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = self._clock()
+        status: int | None = None
+
+        async def send_with_rate_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                admission = admission_of(scope)
+                if admission is not None:
+                    message["headers"] = with_headers(message.get("headers", []), admission.headers())
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_rate_headers)
+        finally:
+            admission = admission_of(scope)
+            if admission is not None:
+                self._record_usage(scope, admission, status or 500, started)
+
+    def _record_usage(self, scope: Scope, admission: Admission, status: int, started: float) -> None:
+        try:
+            self._record(
+                usage_record(
+                    admission,
+                    endpoint=endpoint_of(scope),
+                    status_code=status,
+                    latency_ms=(self._clock() - started) * 1000.0,
+                )
+            )
+        except Exception:  # accounting must never turn an answered request into an error
+            log.exception("could not record usage for %s", endpoint_of(scope))
+
+
+def with_headers(raw: Any, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """ASGI raw headers plus ``extra``, leaving any header the response already set untouched."""
+    headers = [(bytes(name), bytes(value)) for name, value in raw]
+    present = {name.lower() for name, _ in headers}
+    for name, value in extra.items():
+        encoded = name.lower().encode("latin-1")
+        if encoded not in present:
+            headers.append((encoded, value.encode("latin-1")))
+    return headers

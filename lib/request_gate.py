@@ -1,0 +1,129 @@
+"""The gate every authenticated request passes: authenticate -> rate limit -> scope, then account for it.
+
+:meth:`RequestGate.admit` turns the ``Authorization`` header into an :class:`Admission` (or a 401)
+and counts the request against the caller's rate limit in the application's one shared limiter
+(reached through the :class:`RateLimiter` protocol; in Serve it is a one-replica deployment).
+:meth:`Admission.require` then enforces the outcome: 429 when over the limit, 403 without the
+scope. The admission stays attached to the request so that *every* response after authentication
+(errors included) carries the ``X-RateLimit-*`` headers (:meth:`Admission.headers`), and so that
+the request is recorded as usage once it is answered (:func:`usage_record`).
+
+The rate limit is counted before the scope is checked: a request refused for its scope still
+costs quota, so probing for scopes is limited like any other traffic, and the 403 can carry
+accurate rate-limit headers.
+
+Plain Python: no Ray, no FastAPI. The ASGI side is :mod:`lib.gate_middleware`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from lib.account_records import Scope, UsageRecord
+from lib.auth import Authenticator, Principal, require_scope
+from lib.db import utc_now
+from lib.errors import RateLimitedError
+from lib.rate_limit import RateDecision
+
+RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
+# Column widths of usage_records (lib.account_tables): longer values are cut, never refused, so
+# that one odd request cannot make a whole usage batch fail.
+_KEY_ID_CHARS = 32
+_ENDPOINT_CHARS = 200
+_MODEL_ID_CHARS = 200
+
+
+class RateLimiter(Protocol):
+    """The application's shared limiter (``lib.rate_limit.SlidingWindowLimiter.hit``, awaitable)."""
+
+    async def hit(self, key: str, limit: int, window_s: int) -> RateDecision: ...
+
+
+@dataclass
+class Admission:
+    """An authenticated request: who, the rate-limit decision (None: unlimited), what it used.
+
+    Routes fill in ``model_id`` and ``image_count`` for the usage record.
+    """
+
+    principal: Principal
+    decision: RateDecision | None
+    model_id: str | None = None
+    image_count: int = 0
+
+    def require(self, scope: Scope | str | None) -> None:
+        """429 when over the rate limit, then 403 without ``scope`` (None: any scope will do)."""
+        if self.decision is not None and not self.decision.allowed:
+            raise RateLimitedError(
+                f"rate limit of {self.decision.limit} requests exceeded; retry after "
+                f"{retry_after_seconds(self.decision)}s"
+            )
+        if scope is not None:
+            require_scope(self.principal, scope)
+
+    def headers(self) -> dict[str, str]:
+        """``X-RateLimit-*`` (and ``Retry-After`` when refused); none for an unlimited caller.
+
+        ``X-RateLimit-Reset`` is in seconds from now (like ``Retry-After``), not an epoch time:
+        the client's clock need not agree with ours.
+        """
+        decision = self.decision
+        if decision is None:
+            return {}
+        headers = {
+            "X-RateLimit-Limit": str(decision.limit),
+            "X-RateLimit-Remaining": str(decision.remaining),
+            "X-RateLimit-Reset": str(math.ceil(decision.reset_after_s)),
+        }
+        if not decision.allowed:
+            headers["Retry-After"] = str(retry_after_seconds(decision))
+        return headers
+
+
+def retry_after_seconds(decision: RateDecision) -> int:
+    # Rounded up, and at least 1: a client that retries exactly then must find a free slot.
+    return max(1, math.ceil(decision.retry_after_s))
+
+
+class RequestGate:
+    def __init__(self, *, authenticator: Authenticator, limiter: RateLimiter) -> None:
+        self._authenticator = authenticator
+        self._limiter = limiter
+
+    async def admit(self, authorization: str | None) -> Admission:
+        """Authenticate (401 on failure) and count the request against the caller's limit.
+
+        Authentication runs in a thread: a key-cache miss is a blocking database lookup. The
+        limiter's own errors (e.g. 503 when it cannot be reached) propagate.
+        """
+        principal = await asyncio.to_thread(self._authenticator.authenticate, authorization)
+        spec = principal.rate_limit
+        decision = None
+        if spec is not None:
+            decision = await self._limiter.hit(principal.subject, spec.limit, spec.window_s)
+        return Admission(principal, decision)
+
+
+def usage_record(
+    admission: Admission,
+    *,
+    endpoint: str,
+    status_code: int,
+    latency_ms: float,
+    timestamp: datetime | None = None,
+) -> UsageRecord:
+    """The usage record of an answered request."""
+    model_id = admission.model_id[:_MODEL_ID_CHARS] if admission.model_id else None
+    return UsageRecord(
+        key_id=admission.principal.subject[:_KEY_ID_CHARS],
+        endpoint=endpoint[:_ENDPOINT_CHARS],
+        status_code=status_code,
+        latency_ms=max(0.0, latency_ms),
+        model_id=model_id,
+        image_count=max(0, admission.image_count),
+        timestamp=timestamp or utc_now(),
+    )

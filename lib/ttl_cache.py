@@ -1,0 +1,63 @@
+"""A small thread-safe TTL cache in front of a blocking lookup (found and not-found answers alike).
+
+:class:`lib.key_cache.KeyCache` is the specialised cache of plaintext API keys; this one serves
+lookups by another key, e.g. the key *id* a JWT names as its subject, so that verifying a token
+costs no database round trip either. ``None`` answers are cached for ``negative_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class TtlCache(Generic[K, V]):
+    def __init__(
+        self,
+        lookup: Callable[[K], V | None],
+        *,
+        ttl_s: float,
+        negative_ttl_s: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_s < 0 or negative_ttl_s < 0 or max_entries < 1:
+            raise ValueError("TTLs must be >= 0 and max_entries >= 1")
+        self._lookup = lookup
+        self._ttl_s = ttl_s
+        self._negative_ttl_s = negative_ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[K, tuple[float, V | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] > now:
+                self._entries.move_to_end(key)
+                return entry[1]
+        # Outside the lock, as in KeyCache: a slow lookup must not stall every other key.
+        value = self._lookup(key)
+        ttl = self._ttl_s if value is not None else self._negative_ttl_s
+        with self._lock:
+            self._entries[key] = (now + ttl, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return value
+
+    def invalidate(self, key: K) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
