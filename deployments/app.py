@@ -9,9 +9,10 @@ from ray.serve import Application
 
 from deployments.classifier import ImageClassifier
 from deployments.ingress import Ingress
+from deployments.rate_limiter import RateLimiter
 from deployments.text_to_image import TextToImage
 from lib.sealed_catalog import reader_credentials
-from lib.settings import AppSettings, Secrets
+from lib.settings import AppSettings, Secrets, accounts_database_url
 
 DeploymentOptions = Mapping[str, Mapping[str, Any]]
 
@@ -20,7 +21,8 @@ def build_app(args: dict[str, Any]) -> Application:
     """Validate the app args (and that the secrets are usable), then bind the graph."""
     settings = AppSettings.from_args(args)
     # Fail at deploy time, not in every replica, on a bad secret or missing credentials.
-    Secrets.from_env(settings)
+    secrets = Secrets.from_env(settings)
+    accounts_database_url(settings, secrets)  # a password in the args is refused here
     if settings.sealed is not None:
         reader_credentials(settings.sealed)
     return bind_graph(settings)
@@ -41,4 +43,6 @@ def bind_graph(settings: AppSettings, options: DeploymentOptions | None = None) 
         configured(TextToImage).bind(settings),
         configured(ImageClassifier).bind(settings),
         settings=settings,
+        # One limiter for the whole application, so a key's limit holds across ingress replicas.
+        rate_limiter=configured(RateLimiter).bind(),
     )
