@@ -11,8 +11,8 @@ from deployments.classifier import ImageClassifier
 from deployments.ingress import Ingress
 from deployments.rate_limiter import RateLimiter
 from deployments.text_to_image import TextToImage
-from lib.sealed_catalog import reader_credentials
-from lib.settings import AppSettings, Secrets, accounts_database_url
+from lib.preflight import preflight
+from lib.settings import AppSettings
 
 DeploymentOptions = Mapping[str, Mapping[str, Any]]
 
@@ -20,11 +20,7 @@ DeploymentOptions = Mapping[str, Mapping[str, Any]]
 def build_app(args: dict[str, Any]) -> Application:
     """Validate the app args (and that the secrets are usable), then bind the graph."""
     settings = AppSettings.from_args(args)
-    # Fail at deploy time, not in every replica, on a bad secret or missing credentials.
-    secrets = Secrets.from_env(settings)
-    accounts_database_url(settings, secrets)  # a password in the args is refused here
-    if settings.sealed is not None:
-        reader_credentials(settings.sealed)
+    preflight(settings)  # at deploy time, not in every replica, on a bad secret or credential
     return bind_graph(settings)
 
 

@@ -25,7 +25,8 @@ import requests
 import yaml
 
 from lib.errors import ConfigurationError
-from lib.settings import DEV_API_KEY_FILE, AppSettings, Secrets
+from lib.preflight import preflight
+from lib.settings import DEV_API_KEY_FILE, AppSettings
 
 BUILD_APP = "deployments.app:build_app"
 # No hub downloads and no usage reporting: model sources are configuration, and the machine
@@ -73,7 +74,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = yaml.safe_load(args.config.read_text())
     port = args.port or (int(os.environ["PORT"]) if os.environ.get("PORT") else None)
     config, settings = prepare_config(config, args.host, port)
-    Secrets.from_env(settings)  # refuses bad production secrets; creates the dev key in development
+    preflight(settings)  # refuses bad secrets and missing credentials; creates the dev key in development
     run_config = settings.state_path / "serve_config.run.yaml"
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(yaml.safe_dump(config, sort_keys=False))
