@@ -13,7 +13,7 @@ from lib.settings import AppSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [ROOT / "serve_config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
-DEPLOYMENTS = {"Ingress", "TextToImage", "ImageClassifier"}
+DEPLOYMENTS = {"Ingress", "TextToImage", "ImageClassifier", "RateLimiter"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
