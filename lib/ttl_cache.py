@@ -1,8 +1,8 @@
 """A small thread-safe TTL cache in front of a blocking lookup (found and not-found answers alike).
 
-:class:`lib.key_cache.KeyCache` is the specialised cache of plaintext API keys; this one serves
-lookups by another key, e.g. the key *id* a JWT names as its subject, so that verifying a token
-costs no database round trip either. ``None`` answers are cached for ``negative_ttl_s``.
+:class:`lib.key_cache.KeyCache` builds on it for plaintext API keys (keyed by their hash); the
+ingress also uses it directly for lookups by key *id* (the subject of a JWT), so that verifying
+a token costs no database round trip either. ``None`` answers are cached for ``negative_ttl_s``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class TtlCache(Generic[K, V]):
             if entry is not None and entry[0] > now:
                 self._entries.move_to_end(key)
                 return entry[1]
-        # Outside the lock, as in KeyCache: a slow lookup must not stall every other key.
+        # Looked up outside the lock: one slow lookup must not stall every other key's check.
+        # Two concurrent misses on the same key may both look it up; bounded and harmless.
         value = self._lookup(key)
         ttl = self._ttl_s if value is not None else self._negative_ttl_s
         with self._lock:
@@ -57,6 +58,10 @@ class TtlCache(Generic[K, V]):
     def invalidate(self, key: K) -> None:
         with self._lock:
             self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
     def __len__(self) -> int:
         with self._lock:

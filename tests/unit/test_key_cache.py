@@ -72,7 +72,7 @@ def test_hits_within_the_ttl_do_not_query_and_only_the_hash_is_passed() -> None:
     for _ in range(100):
         assert cache.get(key) is not None
     assert lookup.calls == [hash_api_key(key)]
-    assert all(key not in cached for cached in cache._entries)
+    assert all(key not in cached for cached in cache._cache._entries)
     ticker.now += 5.0
     cache.get(key)
     assert len(lookup.calls) == 2
