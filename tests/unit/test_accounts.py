@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.pool import NullPool
+from sqlalchemy import text
 
 import lib.accounts
 from lib.accounts import AccountStore, CreatedKey, KeyRecord, Scope, UsageRecord
 from lib.db import redact_url
 from lib.errors import NotFoundError, ServiceUnavailableError, ValidationFailedError
 from lib.usage import UsageRecorder
+from tests.postgres_schema import temporary_schema
 
-POSTGRES_DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 
 
@@ -43,41 +39,11 @@ class FakeClock:
         self.now += timedelta(**delta)
 
 
-def _postgres_base_url() -> str:
-    configured = os.environ.get("DATABASE_URL", "")
-    return configured if configured.startswith("postgresql") else POSTGRES_DEFAULT_URL
-
-
-@pytest.fixture(scope="module")
-def postgres_admin() -> Iterator[Engine]:
-    """An engine on the PostgreSQL server, checked once per module; skips (or fails) if unreachable."""
-    base = _postgres_base_url()
-    admin = create_engine(base, poolclass=NullPool, connect_args={"connect_timeout": 3})
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except OperationalError as exc:
-        admin.dispose()
-        reason = f"PostgreSQL not reachable at {redact_url(base)} ({type(exc.orig).__name__})"
-        if os.environ.get("SEALSERVE_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"{reason} and SEALSERVE_REQUIRE_POSTGRES=1")
-        pytest.skip(reason)
-    yield admin
-    admin.dispose()
-
-
 @pytest.fixture
-def postgres_url(postgres_admin: Engine) -> Iterator[str]:
+def postgres_url() -> Iterator[str]:
     """A URL whose connections live in a fresh schema, dropped after the test."""
-    schema = f"sealserve_test_{uuid.uuid4().hex[:12]}"
-    with postgres_admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = postgres_admin.url.update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
+    with temporary_schema() as url:
         yield url.render_as_string(hide_password=False)
-    finally:
-        with postgres_admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
