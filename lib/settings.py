@@ -42,6 +42,7 @@ PLACEHOLDER_SECRETS = frozenset(
     {"", "secret", "changeme", "change-me", "your-secure-secret-key", "dev", "development"}
 )
 MIN_SECRET_BYTES = 32
+MIN_API_KEY_CHARS = 32
 DEV_API_KEY_FILE = "dev-api-key"
 DEV_SECRET_FILE = "dev-secret-key"  # noqa: S105 - a file name, not a secret
 SQLITE_FILE = "sealserve.db"
@@ -194,7 +195,8 @@ class Secrets(BaseModel):
     def from_env(cls, settings: AppSettings, env: Mapping[str, str] | None = None) -> Secrets:
         """Read the secrets; in development, generate what is missing and keep it in state_dir.
 
-        Outside development a missing, short or placeholder SECRET_KEY refuses to start.
+        A missing, short or placeholder SECRET_KEY refuses to start outside development, and a
+        short bootstrap API key anywhere.
         """
         env = os.environ if env is None else env
         secret = env.get("SECRET_KEY", "")
@@ -208,6 +210,13 @@ class Secrets(BaseModel):
                 f"SECRET_KEY must be set to a random value of at least {MIN_SECRET_BYTES} bytes "
                 f"outside development (environment={settings.environment})"
             )
+        for key in keys:
+            # Short keys can be guessed; a key with dots would be taken for a JWT and never match.
+            if len(key.get_secret_value()) < MIN_API_KEY_CHARS or "." in key.get_secret_value():
+                raise ConfigurationError(
+                    f"every API_KEYS entry must be a random string of at least {MIN_API_KEY_CHARS} "
+                    "characters without dots, e.g. from secrets.token_urlsafe(32)"
+                )
         database_url = SecretStr(env[DATABASE_URL_ENV]) if env.get(DATABASE_URL_ENV) else None
         return cls(secret_key=SecretStr(secret), api_keys=tuple(keys), database_url=database_url)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +313,13 @@ def test_read_or_create_secret_empty_file_is_an_error(
     monkeypatch.setattr("lib.settings.time.sleep", lambda _s: None)  # no real waiting
     with pytest.raises(ConfigurationError, match="empty"):
         read_or_create_secret(path)
+
+
+@pytest.mark.parametrize("bad_key", ["short-key", "x" * 31, "has.dots." + "x" * 40])
+@pytest.mark.parametrize("make_settings", [production, development])
+def test_bootstrap_keys_must_be_long_and_dotless(
+    tmp_path: Path, bad_key: str, make_settings: Callable[[Path], AppSettings]
+) -> None:
+    with pytest.raises(ConfigurationError, match="API_KEYS") as caught:
+        Secrets.from_env(make_settings(tmp_path), env={"SECRET_KEY": GOOD_SECRET, "API_KEYS": bad_key})
+    assert bad_key not in caught.value.message
