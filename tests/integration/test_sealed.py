@@ -140,6 +140,10 @@ def test_catalog_and_health_after_fetch(api: ServeInstance, world: SealedWorld) 
     assert health["status"] == "ok" and health["errors"] == []
 
 
+def cached_files(cache_dir: Path) -> list[Path]:
+    return [p for p in cache_dir.rglob("*") if p.is_file()] if cache_dir.exists() else []
+
+
 def _search_roots() -> list[Path]:
     session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
     return [Path("/dev/shm"), session, Path(tempfile.gettempdir())]
@@ -185,7 +189,11 @@ def test_no_plaintext_once_the_application_is_deleted(
         time.sleep(0.5)
     else:
         pytest.fail("the model loader outlived its application")
-    remaining = [p for p in world.cache_dir.rglob("*") if p.is_file()] if world.cache_dir.exists() else []
+    # The loader removes its cache on the SIGTERM Ray sends it; give that handler time to finish.
+    remaining = cached_files(world.cache_dir)
+    while remaining and time.monotonic() < deadline:
+        time.sleep(0.5)
+        remaining = cached_files(world.cache_dir)
     assert remaining == []
     copies = find_copies(
         plaintext_digests(world, plaintext), _search_roots(), exclude=[tmp_path_factory.getbasetemp()]
