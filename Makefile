@@ -51,6 +51,7 @@ lint: install-test
 	$(VENV)/bin/mypy
 
 bench: install-test
+	$(PIP) install --quiet -e ".[test,bench]"
 	$(PY) -m bench.sealing
 	$(PY) -m bench.sealed_fetch
 

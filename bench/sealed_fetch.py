@@ -18,8 +18,9 @@ an unsealed copy of the same file next to it, and times, best of ``--repeat``:
 Both servers run on this machine over loopback, so the figures measure CPU and memory cost and
 moto's own speed, not a network. Beware moto: it answers every ranged GET by reading the whole
 object and slicing it, so a parallel ranged download costs O(size) per range there (quadratic in
-all) and loses to a single GET; on S3 or MinIO it does not. Files go to ``--tmp-dir`` (default
-``/dev/shm`` where it exists, as the loader's tmpfs cache does).
+all) and loses to a single GET; on S3 or MinIO it does not. That is why ``CdnClient`` spreads an
+object over its workers in a few large ranges (``range_size``) rather than many small ones.
+Files go to ``--tmp-dir`` (default ``/dev/shm`` where it exists, as the loader's tmpfs cache does).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def measure_ranged_get(cdn: CdnClient, dest: Path, size: int, repeat: int) -> di
         dest.unlink()
         return {}
 
-    return _row(f"ranged GET ({cdn.max_workers} workers, {cdn.part_size // MB} MB parts)", size, repeat, step)
+    label = f"ranged GET ({cdn.max_workers} workers, {cdn.range_size(size) // MB} MB ranges)"
+    return _row(label, size, repeat, step)
 
 
 def measure_sealed_fetch(
@@ -239,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=500, help="model size in MB (2^20 bytes)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per step; the best is reported")
     parser.add_argument("--workers", type=int, default=4, help="parallel ranged GETs")
-    parser.add_argument("--part-size-mb", type=int, default=DEFAULT_PART_SIZE // MB, help="MB per ranged GET")
+    parser.add_argument(
+        "--part-size-mb", type=int, default=DEFAULT_PART_SIZE // MB, help="smallest ranged GET, in MB"
+    )
     default_tmp = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
     parser.add_argument("--tmp-dir", type=Path, default=default_tmp, help="where files go (default /dev/shm)")
     args = parser.parse_args(argv)

@@ -45,6 +45,7 @@ MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB
 # S3 rejects multipart parts under 5 MiB (but the last), whatever size the ranged downloads use.
 MIN_UPLOAD_PART_SIZE = 5 * MiB
+MAX_RANGE_SIZE = 256 * MiB
 # Bounded so a range is streamed to disk instead of held whole in memory.
 _STREAM_CHUNK = 1 * MiB
 
@@ -135,6 +136,7 @@ class CdnClient:
         max_attempts: int = 4,
         part_size: int = DEFAULT_PART_SIZE,
         max_workers: int = 4,
+        spread_ranges: bool = True,
         client: S3Client | None = None,
         retry_policy: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -145,6 +147,7 @@ class CdnClient:
         self.endpoint_url = config.endpoint_url
         self.part_size = part_size
         self.max_workers = max_workers
+        self.spread_ranges = spread_ranges
         self._retry = retry_policy or RetryPolicy()
         self._sleep = sleep
         self._client: S3Client = client or self._make_client(
@@ -280,6 +283,20 @@ class CdnClient:
         self._remote(lambda: self._client.upload_file(str(path), self.bucket, key, Config=transfer),
                      "PUT", key)
 
+    def range_size(self, size: int) -> int:
+        """Bytes per ranged GET for an object of ``size`` bytes.
+
+        ``part_size`` is the smallest range. With ``spread_ranges`` (the default) ranges grow to
+        spread the object evenly over the workers (fewer requests for the same parallelism: each
+        costs the server a lookup, and some S3 look-alikes read the whole object per range), up
+        to ``MAX_RANGE_SIZE`` so a failed range costs a bounded retry. Without it, every range is
+        ``part_size`` (finest retry granularity).
+        """
+        if not self.spread_ranges:
+            return self.part_size
+        even = -(-size // self.max_workers)
+        return max(self.part_size, min(even, MAX_RANGE_SIZE))
+
     def download_file(self, key: str, dest: Path, *, expected_size: int | None = None) -> int:
         """Download ``key`` to ``dest`` with parallel ranged GETs; return the number of bytes.
 
@@ -291,7 +308,7 @@ class CdnClient:
         size, etag = self._head(key)
         if expected_size is not None and size != expected_size:
             raise IntegrityError(f"{self._where(key)} is {size} bytes, expected {expected_size}")
-        ranges = split_ranges(size, self.part_size)
+        ranges = split_ranges(size, self.range_size(size))
         with self._our_errors("GET", key):
             written = self._write_atomically(dest, size, lambda fd: self._fetch_ranges(key, etag, ranges, fd))
         elapsed = time.monotonic() - started

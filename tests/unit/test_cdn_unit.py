@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 from botocore.response import StreamingBody
 from pydantic import SecretStr
 
-from lib.cdn import CdnClient, TransferError, is_retryable, range_header, split_ranges
+from lib.cdn import CdnClient, MiB, TransferError, is_retryable, range_header, split_ranges
 from lib.cdn_config import CdnConfig
 from lib.errors import NotFoundError, UpstreamError
 from lib.retry import RetryPolicy
@@ -161,7 +161,10 @@ def make_client(fake: FakeS3, **kwargs: Any) -> tuple[CdnClient, list[float]]:
     config = CdnConfig(
         endpoint_url=None, bucket="bkt", access_key_id="AKIDUNIT", secret_access_key=SecretStr(SECRET)
     )
-    options: dict[str, Any] = {"part_size": 7, "max_workers": 3, "retry_policy": RetryPolicy(attempts=3)}
+    # Strict part_size ranges: these tests are about the mechanics of many small ranges.
+    options: dict[str, Any] = {
+        "part_size": 7, "max_workers": 3, "spread_ranges": False, "retry_policy": RetryPolicy(attempts=3)
+    }
     options.update(kwargs)
     return CdnClient(config, client=fake, sleep=sleeps.append, **options), sleeps  # type: ignore[arg-type]
 
@@ -295,3 +298,19 @@ def test_repr_and_constructor_validation_hide_the_secret() -> None:
     assert SECRET not in repr(client) and "bkt" in repr(client)
     with pytest.raises(ValueError, match=">= 1"):
         make_client(FakeS3({}), max_workers=0)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (0, 8 * MiB),  # never below part_size
+        (20 * MiB, 8 * MiB),  # 5 MiB each would be below part_size
+        (500 * MiB, 125 * MiB),  # one range per worker
+        (4096 * MiB, 256 * MiB),  # capped, so a failed range is a bounded retry
+    ],
+)
+def test_ranges_spread_over_the_workers_between_part_size_and_the_cap(size: int, expected: int) -> None:
+    client, _ = make_client(FakeS3({}), part_size=8 * MiB, max_workers=4, spread_ranges=True)
+    assert client.range_size(size) == expected
+    strict, _ = make_client(FakeS3({}), part_size=8 * MiB, max_workers=4, spread_ranges=False)
+    assert strict.range_size(size) == 8 * MiB
