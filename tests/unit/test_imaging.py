@@ -138,6 +138,7 @@ def test_exactly_max_pixels_is_accepted() -> None:
     assert decode_image(b64(encoded(picture(12, 8), "PNG")), max_pixels=96).size == (12, 8)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the point of the test
 def test_decompression_bomb_beyond_pil_limit_is_413() -> None:
     with pytest.raises(PayloadTooLargeError):
         decode_image(b64(png_header_only(10_000, 10_000)), max_pixels=LIMIT)
