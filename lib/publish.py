@@ -1,9 +1,9 @@
 """Publish a model sealed: seal it, put the big part on S3 and the small part and DEK on the resource API.
 
 DESIGN §3 ("Sealed model format (v1)", "Resource API"). A model file is published as it is; a
-model directory is first packed into a *deterministic* tar (:func:`pack_directory`), so that the
-model id — the sha256 of the plaintext file — depends on the content only, not on file order,
-mtimes, owners or umask. Then::
+model directory is first packed into a *deterministic* tar (``lib.model_archive``), so that
+the model id — the sha256 of the plaintext file — depends on the content only, not on file
+order, mtimes, owners or umask. Then::
 
     DEK = generate_key()
     sealed = seal(plaintext, DEK)               # streamed: the small part stays in memory,
@@ -26,20 +26,17 @@ of the publisher's own model, which is already on this disk; the DEK only ever e
 from __future__ import annotations
 
 import builtins
-import hashlib
 import logging
-import os
 import re
-import stat
-import tarfile
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, get_args
 
-from lib.digest import sha256_file
-from lib.errors import BadRequestError, IntegrityError, NotFoundError
+from lib.digest import HashingIO, sha256_file
+from lib.errors import IntegrityError, NotFoundError
+from lib.model_archive import PublishError, pack_directory
 from lib.model_files import recognise
 from lib.resource_api.schemas import NAME_PATTERN, UploadResponse, UploadStatus
 from lib.schemas import ModelKind
@@ -60,15 +57,6 @@ log = logging.getLogger(__name__)
 KINDS: tuple[str, ...] = get_args(ModelKind)
 DEFAULT_SMALL_SIZE_KB = 1024
 _CHUNK = 1 << 20
-_DIR_MODE = 0o755
-_FILE_MODE = 0o644
-_EXEC_FILE_MODE = 0o755
-
-
-class PublishError(BadRequestError):
-    """The model cannot be published as given (bad path, link, special file, unknown kind)."""
-
-    code = "publish_error"
 
 
 class ResourceStore(Protocol):
@@ -103,136 +91,6 @@ class PublishResult:
     sealed_size: int
     small_size: int
     big_key: str
-
-
-# -- deterministic tar ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Entry:
-    rel: str  # POSIX path relative to the packed directory
-    path: Path
-    is_dir: bool
-    executable: bool
-
-
-def _scan(root: Path) -> list[_Entry]:
-    """Every directory and regular file under ``root``, sorted; links and special files refused.
-
-    Hidden names (``.git``, ``.cache/huggingface`` download metadata with timestamps) are left out,
-    as the catalog leaves them out: they are not the model, and they would make its id unstable.
-    """
-    entries: list[_Entry] = []
-    pending: list[tuple[Path, str]] = [(root, "")]
-    while pending:
-        directory, prefix = pending.pop()
-        with os.scandir(directory) as listing:
-            for item in listing:
-                if item.name.startswith("."):
-                    continue
-                rel = prefix + item.name
-                _check_name(rel)
-                mode = item.stat(follow_symlinks=False).st_mode
-                if stat.S_ISLNK(mode):
-                    # A link can point outside the model, and a tar entry for it would be
-                    # extracted as a link on the node: neither is something to seal blindly.
-                    raise PublishError(f"{rel} in {root} is a symbolic link; copy its target in instead")
-                if stat.S_ISDIR(mode):
-                    entries.append(_Entry(rel, Path(item.path), is_dir=True, executable=True))
-                    pending.append((Path(item.path), rel + "/"))
-                elif stat.S_ISREG(mode):
-                    entries.append(_Entry(rel, Path(item.path), is_dir=False, executable=bool(mode & 0o111)))
-                else:
-                    raise PublishError(f"{rel} in {root} is not a regular file or directory")
-    # A parent sorts before its children (a string sorts before its extensions), as extraction needs.
-    entries.sort(key=lambda entry: entry.rel)
-    return entries
-
-
-def _check_name(rel: str) -> None:
-    try:
-        rel.encode("utf-8")
-    except UnicodeEncodeError:
-        # A name that is not valid UTF-8 (surrogate-escaped bytes) would be mangled in the tar.
-        raise PublishError(f"{rel.encode('utf-8', 'replace').decode()!r} is not a UTF-8 file name") from None
-
-
-def _tarinfo(entry: _Entry, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(entry.rel)
-    info.type = tarfile.DIRTYPE if entry.is_dir else tarfile.REGTYPE
-    info.mode = _DIR_MODE if entry.is_dir else (_EXEC_FILE_MODE if entry.executable else _FILE_MODE)
-    info.size = size
-    # Ints, not floats: a float mtime would add a PAX header with the fraction.
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-class _Hashing:
-    """Wraps a file to hash and count the bytes read from or written to it.
-
-    Writing: tarfile's output, so the tar's id needs no second pass (tarfile also needs ``tell``).
-    Reading: sealing's input, proving the sealed bytes are the ones the id was computed over.
-    """
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
-        self._digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: ReadableBuffer, /) -> int:
-        view = memoryview(data).cast("B")
-        self._digest.update(view)
-        self._raw.write(view)
-        self.size += view.nbytes
-        return view.nbytes
-
-    def read(self, size: int = -1, /) -> bytes:
-        chunk = self._raw.read(size)
-        self._digest.update(chunk)
-        self.size += len(chunk)
-        return chunk
-
-    def tell(self) -> int:
-        return self.size
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
-
-
-def pack_directory(src: Path, dst: Path) -> tuple[str, int]:
-    """Write the tar of directory ``src`` to the file ``dst``; return its (sha256 hex, size).
-
-    Entries are the sorted relative paths of directories and regular files; mtime 0, uid/gid 0,
-    no user or group names, mode 0755 for directories and executables, 0644 otherwise; hard links
-    become plain copies. So equal trees give identical bytes, whatever the order or time they
-    were written in. PAX format: long and non-ASCII names and files over 8 GiB need no GNU quirks.
-    """
-    src = Path(src)
-    if not src.is_dir():
-        raise PublishError(f"{src} is not a directory")
-    with Path(dst).open("wb") as out:
-        writer = _Hashing(out)
-        # encoding pinned: tarfile would otherwise take the locale's, and the bytes must not vary.
-        with tarfile.open(
-            fileobj=writer, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8"  # type: ignore[call-overload]
-        ) as tar:
-            for entry in _scan(src):
-                if entry.is_dir:
-                    tar.addfile(_tarinfo(entry, 0))
-                    continue
-                # O_NOFOLLOW: a file swapped for a link after the scan is refused, not followed.
-                try:
-                    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
-                except OSError as exc:
-                    raise PublishError(f"cannot read {entry.rel} in {src}: {exc.strerror}") from None
-                with os.fdopen(fd, "rb") as handle:
-                    st = os.fstat(handle.fileno())
-                    if not stat.S_ISREG(st.st_mode):
-                        raise PublishError(f"{entry.rel} in {src} is not a regular file")
-                    tar.addfile(_tarinfo(entry, st.st_size), handle)
-    return writer.hexdigest(), writer.size
 
 
 # -- kind -----------------------------------------------------------------------------------------
@@ -286,7 +144,7 @@ def _seal_split(
     total = sealed_size(plaintext_size, segment_size)
     cut = split_point(total, small_size_kb)
     with plaintext.open("rb") as raw, big_path.open("wb") as big:
-        reader = _Hashing(raw)
+        reader = HashingIO(raw)
         sink = _SplitSink(cut, big)
         written = seal_stream(reader, sink, dek, segment_size=segment_size)
     if written != total or reader.size != plaintext_size or reader.hexdigest() != model_id:

@@ -13,12 +13,10 @@ verified and its digest matched, so a path handed out always holds verified byte
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
 import shutil
-import tarfile
 import threading
 import time
 from collections import OrderedDict
@@ -26,18 +24,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from lib.cdn import CdnClient
 from lib.cdn_config import CdnConfig
+from lib.digest import HashingIO
 from lib.errors import ConfigurationError, IntegrityError, SealserveError
 from lib.keywrap import NodeKeyPair
+from lib.model_archive import unpack_archive
 from lib.resource_api.schemas import ResourceManifest
 from lib.resource_client import FetchedResource
 from lib.sealing import JoinedReader, open_stream
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +73,6 @@ class FetchOutcome:
     manifest: ResourceManifest
     downloaded_bytes: int
     seconds: float
-
-
-class _HashingWriter:
-    """Writes through to a file while hashing what it writes, so the id check needs no 2nd pass."""
-
-    def __init__(self, sink: io.BufferedWriter) -> None:
-        self._sink = sink
-        self.digest = hashlib.sha256()
-
-    def write(self, data: ReadableBuffer, /) -> int:
-        self.digest.update(data)
-        return self._sink.write(data)
 
 
 class SealedFetcher:
@@ -139,13 +124,13 @@ class SealedFetcher:
                 manifest.big_key, big, expected_size=manifest.sealed_size - manifest.small_size
             )
             with big.open("rb") as big_part, opened.open("wb") as sink:
-                writer = _HashingWriter(sink)
+                writer = HashingIO(sink)
                 open_stream(JoinedReader([io.BytesIO(fetched.small_part), big_part]), writer, fetched.dek)
             big.unlink()
-            if writer.digest.hexdigest() != manifest.id:
+            if writer.hexdigest() != manifest.id:
                 raise IntegrityError(f"plaintext of sealed model {ref.name} does not match its id")
             if manifest.is_directory:
-                _unpack(opened, unpacked)
+                unpack_archive(opened, unpacked)
                 opened.unlink()
                 unpacked.rename(final)
             else:
@@ -155,17 +140,6 @@ class SealedFetcher:
                 leftover.unlink(missing_ok=True)
             shutil.rmtree(unpacked, ignore_errors=True)
         return FetchOutcome(final, manifest, manifest.sealed_size, time.monotonic() - started)
-
-
-def _unpack(tar_path: Path, dest: Path) -> None:
-    dest.mkdir(mode=0o700)
-    try:
-        with tarfile.open(tar_path) as archive:
-            # The "data" filter refuses "..", links leaving dest and device files, and strips a
-            # leading "/" so absolute names land inside dest.
-            archive.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError) as exc:
-        raise IntegrityError(f"sealed directory archive cannot be unpacked: {exc}") from None
 
 
 @dataclass
