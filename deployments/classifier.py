@@ -38,7 +38,7 @@ class ImageClassifier:
     def __init__(self, settings: AppSettings) -> None:
         self._settings = settings
         self._device = detect_device()
-        self._loader = NodeLoader(settings, serve.get_replica_context().app_name)
+        self._loader = NodeLoader.for_this_replica(settings)
         self._loaded: weakref.WeakValueDictionary[str, Classifier] = weakref.WeakValueDictionary()
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
@@ -77,6 +77,12 @@ class ImageClassifier:
             for i, predictions in zip(indices, batch, strict=True):
                 results[i] = predictions
         return results
+
+    async def __del__(self) -> None:
+        """Serve's graceful-shutdown hook: let the node's loader know this replica is gone."""
+        loader: NodeLoader | None = getattr(self, "_loader", None)  # __init__ may have failed
+        if loader is not None:
+            await loader.close()
 
     def health(self) -> DeploymentHealth:
         return DeploymentHealth(

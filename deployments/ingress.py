@@ -140,13 +140,13 @@ class Ingress:
             max_queue=accounts.usage_max_queue,
             retry_on=_database_unavailable,
         )
-        self.loader = NodeLoader(settings, serve.get_replica_context().app_name)
+        self.loader = NodeLoader.for_this_replica(settings)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
 
     async def __del__(self) -> None:
-        """Serve's graceful-shutdown hook: write the queued usage, then close the pool.
+        """Serve's graceful-shutdown hook: write the queued usage, close the pool, leave the loader.
 
         Serve awaits this once the replica's requests are drained (``ReplicaBase.shutdown`` via
         ``call_destructor``; the ingress wrapper runs the ASGI lifespan shutdown, then this).
@@ -163,6 +163,9 @@ class Ingress:
         store: AccountStore | None = getattr(self, "store", None)
         if store is not None:
             store.close()
+        loader: NodeLoader | None = getattr(self, "loader", None)
+        if loader is not None:
+            await loader.close()
 
     async def admit(self, request: Request, scope: Scope | None) -> Admission:
         """Authenticate and rate-limit the request, then enforce the limit and the scope.

@@ -26,6 +26,7 @@ import threading
 from typing import Any
 
 import ray
+from ray import serve
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -39,6 +40,7 @@ log = logging.getLogger("ray.serve")
 
 LOADER_NAMESPACE = "sealserve"
 _RECONNECT_ATTEMPTS = 3
+DETACH_TIMEOUT_S = 5.0
 
 
 @ray.remote(num_cpus=0, max_concurrency=16)  # type: ignore[call-overload]
@@ -58,6 +60,7 @@ class ModelLoader:
         self._scanner = threading.Thread(target=self._scan_forever, name="model-scan", daemon=True)
         self._scanner.start()
         self._ensured: dict[str, int] = {}
+        self._users: set[str] = set()
         self._lock = threading.Lock()
 
     def _scan(self) -> None:
@@ -99,6 +102,19 @@ class ModelLoader:
         with self._lock:
             self._ensured[model_id] = self._ensured.get(model_id, 0) + 1
         return info
+
+    def attach(self, user: str) -> None:
+        with self._lock:
+            self._users.add(user)
+
+    def detach(self, user: str) -> None:
+        """A replica of this node stopped; after the last one, no plaintext stays on the node."""
+        with self._lock:
+            self._users.discard(user)
+            last = not self._users
+        if last and self._sealed is not None:
+            self._sealed.cache.release()
+            log.info("no replica uses this node's loader any more: sealed plaintext removed")
 
     def errors(self) -> dict[str, str]:
         """Problems worth showing in /health: sealed models that cannot be listed or fetched."""
@@ -162,18 +178,31 @@ def get_or_create_loader(settings: AppSettings, app_name: str) -> Any:
 
 
 class NodeLoader:
-    """A replica's connection to its node's loader; reconnects (or recreates) when it died."""
+    """A replica's connection to its node's loader; reconnects (or recreates) when it died.
 
-    def __init__(self, settings: AppSettings, app_name: str) -> None:
+    The replica attaches itself to the loader on connecting and detaches in ``close`` (called
+    from the replica's graceful shutdown): when the last replica of the node detaches, as when
+    the application is deleted, the loader drops every plaintext at once instead of relying on
+    the signal Ray sends it afterwards.
+    """
+
+    def __init__(self, settings: AppSettings, app_name: str, user: str) -> None:
         self._settings = settings
         self._app_name = app_name
+        self._user = user
         self._handle: Any = None
+
+    @classmethod
+    def for_this_replica(cls, settings: AppSettings) -> NodeLoader:
+        context = serve.get_replica_context()
+        return cls(settings, context.app_name, context.replica_id.unique_id)
 
     async def call(self, method: str, *args: Any) -> Any:
         for attempt in range(1, _RECONNECT_ATTEMPTS + 1):
-            if self._handle is None:
-                self._handle = get_or_create_loader(self._settings, self._app_name)
             try:
+                if self._handle is None:
+                    self._handle = get_or_create_loader(self._settings, self._app_name)
+                    await self._handle.attach.remote(self._user)
                 return await getattr(self._handle, method).remote(*args)
             except RayActorError:  # died or unreachable (ActorDiedError, ActorUnavailableError)
                 log.warning("model loader unavailable (attempt %d); reconnecting", attempt)
@@ -185,6 +214,16 @@ class NodeLoader:
             except Exception as exc:
                 raise unwrap(exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self) -> None:
+        """Detach from the loader (bounded: a shutdown must not hang on a dead loader)."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        try:
+            await asyncio.wait_for(handle.detach.remote(self._user), DETACH_TIMEOUT_S)
+        except Exception as exc:  # the loader is gone or busy: its exit handlers still apply
+            log.warning("could not detach from the model loader: %s", type(unwrap(exc)).__name__)
 
     async def models(self) -> list[ModelInfo]:
         result: list[ModelInfo] = await self.call("models")

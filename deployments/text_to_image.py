@@ -38,7 +38,7 @@ class TextToImage:
     def __init__(self, settings: AppSettings) -> None:
         self._settings = settings
         self._device = detect_device()
-        self._loader = NodeLoader(settings, serve.get_replica_context().app_name)
+        self._loader = NodeLoader.for_this_replica(settings)
         # Weak: an entry disappears when multiplexing evicts the model.
         self._loaded: weakref.WeakValueDictionary[str, LoadedPipeline] = weakref.WeakValueDictionary()
 
@@ -56,6 +56,12 @@ class TextToImage:
         params = resolve_params(request, self._settings)
         async with model.lock:
             return await asyncio.to_thread(generate, model.pipe, params, self._device)
+
+    async def __del__(self) -> None:
+        """Serve's graceful-shutdown hook: let the node's loader know this replica is gone."""
+        loader: NodeLoader | None = getattr(self, "_loader", None)  # __init__ may have failed
+        if loader is not None:
+            await loader.close()
 
     def health(self) -> DeploymentHealth:
         return DeploymentHealth(

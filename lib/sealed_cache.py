@@ -246,8 +246,16 @@ class SealedModelCache:
         with self._lock:
             return {name: s.last_error for name, s in self._stats.items() if s.last_error}
 
+    def release(self) -> None:
+        """Remove every cached plaintext now; the cache stays usable (later ensures refetch)."""
+        with self._lock:
+            released = list(self._entries.values())
+            self._entries.clear()
+        for entry in released:
+            _remove(entry.path)
+
     def clear(self) -> None:
-        """Remove every plaintext: called when the loader exits."""
+        """Remove every plaintext and the cache directory: called when the loader exits."""
         with self._lock:
             self._entries.clear()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -756,6 +756,22 @@ def test_clear_removes_every_plaintext_and_the_root(
     assert cache.cached(ref("a.bin")) is None
 
 
+def test_release_removes_every_plaintext_and_keeps_the_cache_usable(
+    store: FakeStore, cache: SealedModelCache, root: Path
+) -> None:
+    data = payload(1000)
+    store.publish("a.bin", data)
+    store.publish("d", make_tar({"w.bin": payload(1000, seed=4)}), is_directory=True)
+    cache.ensure(ref("a.bin"))
+    cache.ensure(ref("d"))
+    cache.release()
+    assert root.is_dir() and list(root.iterdir()) == []
+    assert cache.cached(ref("a.bin")) is None
+    again, _ = cache.ensure(ref("a.bin"))  # fetched anew, not served from a dangling entry
+    assert again.read_bytes() == data
+    assert cache.stats()["a.bin"]["fetches"] == 2
+
+
 def test_describe_names_the_class_and_never_a_foreign_message() -> None:
     assert describe(IntegrityError("bad tag")) == "IntegrityError: bad tag"
     # A foreign exception's message may carry anything (a URL with credentials): only its class.
