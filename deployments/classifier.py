@@ -7,7 +7,6 @@ Callable from another Ray application: ``handle.classify.remote(ClassifyRequest(
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +14,10 @@ from pathlib import Path
 from PIL import Image
 from ray import serve
 
-from deployments.model_loader import NodeLoader
+from deployments.model_replica import ModelReplica
 from lib.classification import Classifier, classify, load_classifier
-from lib.device import detect_device
 from lib.imaging import decode_image
-from lib.schemas import ClassifyRequest, ClassifyResponse, DeploymentHealth, Prediction
-from lib.settings import AppSettings
+from lib.schemas import ClassifyRequest, ClassifyResponse, Prediction
 
 MODELS_PER_REPLICA = 2
 KIND = "image-classification"
@@ -34,12 +31,8 @@ class _Item:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
-class ImageClassifier:
-    def __init__(self, settings: AppSettings) -> None:
-        self._settings = settings
-        self._device = detect_device()
-        self._loader = NodeLoader.for_this_replica(settings)
-        self._loaded: weakref.WeakValueDictionary[str, Classifier] = weakref.WeakValueDictionary()
+class ImageClassifier(ModelReplica):
+    deployment_name = "ImageClassifier"
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> Classifier:
@@ -77,17 +70,3 @@ class ImageClassifier:
             for i, predictions in zip(indices, batch, strict=True):
                 results[i] = predictions
         return results
-
-    async def __del__(self) -> None:
-        """Serve's graceful-shutdown hook: let the node's loader know this replica is gone."""
-        loader: NodeLoader | None = getattr(self, "_loader", None)  # __init__ may have failed
-        if loader is not None:
-            await loader.close()
-
-    def health(self) -> DeploymentHealth:
-        return DeploymentHealth(
-            deployment="ImageClassifier",
-            device=self._device.kind,
-            dtype=self._device.dtype_name,
-            loaded_models=sorted(self._loaded.keys()),
-        )

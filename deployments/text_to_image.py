@@ -8,18 +8,15 @@ improves routing to a replica that already holds the model; ``req.model_id`` dec
 from __future__ import annotations
 
 import asyncio
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 
-from deployments.model_loader import NodeLoader
+from deployments.model_replica import ModelReplica
 from lib.catalog import require_kind
-from lib.device import detect_device
-from lib.schemas import DeploymentHealth, InferRequest, InferResponse, ModelInfo
-from lib.settings import AppSettings
+from lib.schemas import InferRequest, InferResponse, ModelInfo
 from lib.text_to_image import generate, load_pipeline, resolve_params
 
 MODELS_PER_REPLICA = 2
@@ -34,13 +31,8 @@ class LoadedPipeline:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
-class TextToImage:
-    def __init__(self, settings: AppSettings) -> None:
-        self._settings = settings
-        self._device = detect_device()
-        self._loader = NodeLoader.for_this_replica(settings)
-        # Weak: an entry disappears when multiplexing evicts the model.
-        self._loaded: weakref.WeakValueDictionary[str, LoadedPipeline] = weakref.WeakValueDictionary()
+class TextToImage(ModelReplica):
+    deployment_name = "TextToImage"
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> LoadedPipeline:
@@ -56,17 +48,3 @@ class TextToImage:
         params = resolve_params(request, self._settings)
         async with model.lock:
             return await asyncio.to_thread(generate, model.pipe, params, self._device)
-
-    async def __del__(self) -> None:
-        """Serve's graceful-shutdown hook: let the node's loader know this replica is gone."""
-        loader: NodeLoader | None = getattr(self, "_loader", None)  # __init__ may have failed
-        if loader is not None:
-            await loader.close()
-
-    def health(self) -> DeploymentHealth:
-        return DeploymentHealth(
-            deployment="TextToImage",
-            device=self._device.kind,
-            dtype=self._device.dtype_name,
-            loaded_models=sorted(self._loaded.keys()),
-        )

@@ -1,0 +1,38 @@
+"""What the model deployments share: their settings, device, node loader, loaded models, health."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, ClassVar
+
+from deployments.model_loader import NodeLoader
+from lib.device import detect_device
+from lib.schemas import DeploymentHealth
+from lib.settings import AppSettings
+
+
+class ModelReplica:
+    """Base of TextToImage and ImageClassifier (plain class; each subclass is the deployment)."""
+
+    deployment_name: ClassVar[str]
+
+    def __init__(self, settings: AppSettings) -> None:
+        self._settings = settings
+        self._device = detect_device()
+        self._loader = NodeLoader.for_this_replica(settings)
+        # Weak: an entry disappears when multiplexing evicts the model.
+        self._loaded: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+    async def __del__(self) -> None:
+        """Serve's graceful-shutdown hook: let the node's loader know this replica is gone."""
+        loader: NodeLoader | None = getattr(self, "_loader", None)  # __init__ may have failed
+        if loader is not None:
+            await loader.close()
+
+    def health(self) -> DeploymentHealth:
+        return DeploymentHealth(
+            deployment=self.deployment_name,
+            device=self._device.kind,
+            dtype=self._device.dtype_name,
+            loaded_models=sorted(self._loaded.keys()),
+        )
