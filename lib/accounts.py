@@ -13,8 +13,8 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -31,7 +31,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lib.account_records import (
@@ -48,8 +48,8 @@ from lib.account_records import (
     parse_scopes,
 )
 from lib.account_tables import AccountsBase, ApiKeyRow, UsageRow, UserRow
-from lib.db import create_database_engine, redact_url, utc_now
-from lib.errors import NotFoundError, ServiceUnavailableError, ValidationFailedError
+from lib.db import create_database_engine, database_errors, redact_url, utc_now
+from lib.errors import NotFoundError, ValidationFailedError
 from lib.rate_limit import parse_rate_limit
 
 __all__ = [
@@ -71,14 +71,8 @@ UsageGrouping = Literal["key", "endpoint", "model", "day"]
 _SCHEMA_LOCK_ID = 0x5EA15E7E
 
 
-@contextmanager
-def _database_errors(what: str) -> Iterator[None]:
-    """Turn connection-level failures into a 503 the ingress can answer; leave real bugs alone."""
-    try:
-        yield
-    except (OperationalError, InterfaceError) as exc:
-        log.warning("accounts database unavailable while trying to %s: %s", what, type(exc).__name__)
-        raise ServiceUnavailableError("the accounts database is unavailable") from exc
+def _database_errors(what: str) -> AbstractContextManager[None]:
+    return database_errors("accounts", what)
 
 
 class AccountStore:

@@ -7,18 +7,23 @@ line without its password.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, Engine, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
-from lib.errors import ConfigurationError
+from lib.errors import ConfigurationError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SQLITE_PATH = Path(".sealserve") / "sealserve.db"
 DATABASE_URL_ENV = "DATABASE_URL"
@@ -46,12 +51,24 @@ def redact_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
+@contextmanager
+def database_errors(database: str, what: str) -> Iterator[None]:
+    """Connection-level failures become a 503 naming ``database``; real bugs propagate unchanged."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        log.warning("%s database unavailable while trying to %s: %s", database, what, type(exc).__name__)
+        raise ServiceUnavailableError(f"the {database} database is unavailable") from None
+
+
 def create_database_engine(url: str) -> Engine:
     """An engine configured for the URL's dialect.
 
     SQLite gets WAL mode (readers do not block the usage writer) and a busy timeout (two processes
     writing at once wait instead of failing with "database is locked"). PostgreSQL gets a connect
     timeout and pre-ping, so a restarted server costs one reconnect rather than a failed request.
+    Both hide statement parameters from error messages: they may be password hashes, sealed keys
+    or key hashes, and error messages end up in tracebacks and logs.
     """
     try:
         parsed = make_url(url)
@@ -64,6 +81,7 @@ def create_database_engine(url: str) -> Engine:
     if backend == "postgresql":
         return create_engine(
             url,
+            hide_parameters=True,
             pool_pre_ping=True,
             connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
         )
@@ -80,7 +98,7 @@ def _sqlite_engine(url: str, database: str | None) -> Engine:
     else:
         # The file holds key hashes and usage: not secrets, but nobody else's business either.
         Path(database or "").expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    engine = create_engine(url, **kwargs)
+    engine = create_engine(url, hide_parameters=True, **kwargs)
 
     @event.listens_for(engine, "connect")
     def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,11 +31,10 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from lib.db import UTCDateTime, create_database_engine, redact_url, utc_now
-from lib.errors import ServiceUnavailableError, ValidationFailedError
+from lib.db import UTCDateTime, create_database_engine, database_errors, redact_url, utc_now
+from lib.errors import ValidationFailedError
 from lib.resource_api.schemas import FetchKind, Role, UploadStatus
 
 log = logging.getLogger(__name__)
@@ -128,14 +127,8 @@ class NewResource:
     dek_encrypted: bytes = field(repr=False)
 
 
-@contextmanager
-def _database_errors(what: str) -> Iterator[None]:
-    """Connection-level failures become a 503; real bugs propagate unchanged."""
-    try:
-        yield
-    except (OperationalError, InterfaceError) as exc:
-        log.warning("resource database unavailable while trying to %s: %s", what, type(exc).__name__)
-        raise ServiceUnavailableError("the resource database is unavailable") from None
+def _database_errors(what: str) -> AbstractContextManager[None]:
+    return database_errors("resource", what)
 
 
 class ResourceStore:
@@ -143,9 +136,6 @@ class ResourceStore:
 
     def __init__(self, url: str, *, clock: Callable[[], datetime] = utc_now) -> None:
         self._engine = create_database_engine(url)
-        # SQL error messages would otherwise carry their parameters (password hashes, sealed keys)
-        # into tracebacks and logs.
-        self._engine.hide_parameters = True
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._clock = clock
         with _database_errors("create the schema"):
