@@ -3,7 +3,7 @@
     python -m bench.sealed_fetch [--size-mb 500] [--repeat 3] [--workers 4] [--part-size-mb 8] [--tmp-dir DIR]
 
 One run starts its own servers as processes — moto's S3 server (reached directly, without the
-tests' counting proxy) and the resource API — publishes a random file with ``lib.publish``, puts
+tests' counting proxy) and the resource API — publishes a random file with ``lib.sealed.publish``, puts
 an unsealed copy of the same file next to it, and times, best of ``--repeat``:
 
 * ``plain GET`` (baseline): one streamed GET of the unsealed copy (``download_file_simple``);
@@ -38,13 +38,13 @@ from typing import IO, TYPE_CHECKING, Any
 
 from bench.report import MB, write_report
 from bench.sealing import make_random_file
-from lib.cdn import DEFAULT_PART_SIZE, CdnClient
 from lib.digest import sha256_file
-from lib.fingerprint import node_fingerprint
-from lib.keywrap import NodeKeyPair
-from lib.publish import PublishResult, publish_model
-from lib.resource_client import ResourceClient
-from lib.sealing import DEFAULT_SEGMENT_SIZE, JoinedReader, open_stream
+from lib.sealed.cdn import DEFAULT_PART_SIZE, CdnClient
+from lib.sealed.fingerprint import node_fingerprint
+from lib.sealed.format import DEFAULT_SEGMENT_SIZE, JoinedReader, open_stream
+from lib.sealed.keywrap import NodeKeyPair
+from lib.sealed.publish import PublishResult, publish_model
+from lib.sealed.resource_client import ResourceClient
 from tests.resource_api_server import ResourceApiServer, start_resource_api_server
 from tests.s3_server import S3Server, start_s3_server
 

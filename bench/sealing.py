@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from bench.report import MB, write_report
 from lib.digest import sha256_file
-from lib.sealing import DEFAULT_SEGMENT_SIZE, generate_key, open_file, open_stream, seal_file, seal_stream
+from lib.sealed.format import (
+    DEFAULT_SEGMENT_SIZE,
+    generate_key,
+    open_file,
+    open_stream,
+    seal_file,
+    seal_stream,
+)
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer

@@ -1,6 +1,6 @@
 """The account routes of the ingress: token exchange, own usage, and the admin API (``admin`` scope).
 
-Each route parses HTTP and makes one call to :class:`lib.account_service.AccountService`, in a
+Each route parses HTTP and makes one call to :class:`lib.accounts.service.AccountService`, in a
 thread when it reaches the database.
 """
 
@@ -11,8 +11,9 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Path, Query, Response
 
-from lib.account_records import Scope
-from lib.account_schemas import (
+from lib.accounts.gate import Admission
+from lib.accounts.records import Scope
+from lib.accounts.schemas import (
     CleanupRequest,
     CleanupResponse,
     CreatedKeyResponse,
@@ -24,8 +25,7 @@ from lib.account_schemas import (
     UsageStatsResponse,
     UsageSummaryResponse,
 )
-from lib.account_service import AccountService
-from lib.request_gate import Admission
+from lib.accounts.service import AccountService
 
 # Builds the dependency that admits a request needing a scope (None: any authenticated caller).
 AdmissionDependency = Callable[[Scope | None], Callable[..., Awaitable[Admission]]]

@@ -15,8 +15,8 @@ from PIL import Image
 from ray import serve
 
 from deployments.model_replica import ModelReplica
-from lib.classification import Classifier, classify, load_classifier
-from lib.imaging import decode_image
+from lib.models.classification import Classifier, classify, load_classifier
+from lib.models.imaging import decode_image
 from lib.schemas import ClassifyRequest, ClassifyResponse, Prediction
 
 MODELS_PER_REPLICA = 2

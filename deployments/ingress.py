@@ -33,15 +33,16 @@ from deployments.account_routes import add_account_routes
 from deployments.model_loader import NodeLoader
 from deployments.rate_limiter import RateLimiterClient
 from deployments.ray_errors import unwrap
-from lib.account_records import KeyRecord, Scope
-from lib.account_service import AccountService
-from lib.accounts import AccountStore
-from lib.auth import Authenticator
+from lib.accounts.auth import Authenticator
+from lib.accounts.gate import RATE_LIMIT_HEADERS, Admission, RequestGate
+from lib.accounts.key_cache import KeyCache
+from lib.accounts.records import KeyRecord, Scope
+from lib.accounts.service import AccountService
+from lib.accounts.store import AccountStore
+from lib.accounts.usage import UsageRecorder
 from lib.errors import GatewayTimeoutError, ServiceUnavailableError
-from lib.gate_middleware import GateMiddleware, admission_of, attach_admission
-from lib.http_errors import RequestContextMiddleware, install_error_handlers
-from lib.key_cache import KeyCache
-from lib.request_gate import RATE_LIMIT_HEADERS, Admission, RequestGate
+from lib.http.errors import RequestContextMiddleware, install_error_handlers
+from lib.http.gate import GateMiddleware, admission_of, attach_admission
 from lib.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -56,7 +57,6 @@ from lib.schemas import (
 from lib.settings import AppSettings, Secrets, accounts_database_url
 from lib.tokens import TokenService
 from lib.ttl_cache import TtlCache
-from lib.usage import UsageRecorder
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")

@@ -31,9 +31,9 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from deployments.ray_errors import unwrap
-from lib.catalog import ModelCatalog, find_model, resolve_model
+from lib.models.catalog import ModelCatalog, find_model, resolve_model
 from lib.schemas import ModelInfo
-from lib.sealed_catalog import SealedCatalog
+from lib.sealed.catalog import SealedCatalog
 from lib.settings import AppSettings
 
 log = logging.getLogger("ray.serve")

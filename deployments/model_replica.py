@@ -6,7 +6,7 @@ import weakref
 from typing import Any, ClassVar
 
 from deployments.model_loader import NodeLoader
-from lib.device import detect_device
+from lib.models.device import detect_device
 from lib.schemas import DeploymentHealth
 from lib.settings import AppSettings
 

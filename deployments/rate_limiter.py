@@ -1,7 +1,7 @@
 """The application's one rate limiter, and the ingress's client of it.
 
 Rate limits must hold across every ingress replica, so the counters live in exactly one place: a
-Serve deployment with a single replica hosting :class:`lib.rate_limit.SlidingWindowLimiter`,
+Serve deployment with a single replica hosting :class:`lib.accounts.rate_limit.SlidingWindowLimiter`,
 bound into the graph by ``build_app`` and handed to the Ingress as a handle. Each admitted request
 costs one handle call (about a millisecond on one node).
 
@@ -20,8 +20,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from deployments.ray_errors import unwrap
+from lib.accounts.rate_limit import RateDecision, SlidingWindowLimiter
 from lib.errors import ConfigurationError, ServiceUnavailableError
-from lib.rate_limit import RateDecision, SlidingWindowLimiter
 
 log = logging.getLogger("ray.serve")
 

@@ -15,9 +15,9 @@ from typing import Any
 from ray import serve
 
 from deployments.model_replica import ModelReplica
-from lib.catalog import require_kind
+from lib.models.catalog import require_kind
+from lib.models.text_to_image import generate, load_pipeline, resolve_params
 from lib.schemas import InferRequest, InferResponse, ModelInfo
-from lib.text_to_image import generate, load_pipeline, resolve_params
 
 MODELS_PER_REPLICA = 2
 

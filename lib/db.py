@@ -1,6 +1,6 @@
 """Engine and session setup for sealserve's SQL database (SQLite by default, PostgreSQL for a cluster).
 
-The accounts tables live in :mod:`lib.account_tables`; this module only knows how to reach a database:
+The accounts tables live in :mod:`lib.accounts.tables`; this module only knows how to reach a database:
 which URL to use, how to configure each dialect's connections, and how to render a URL for a log
 line without its password.
 """

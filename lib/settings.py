@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from lib.accounts_settings import AccountsSettings
+from lib.accounts.settings import AccountsSettings
 from lib.db import DATABASE_URL_ENV
 from lib.errors import ConfigurationError
 
@@ -56,7 +56,7 @@ def _split_csv(value: Any) -> Any:
 
 SHA256_HEX = r"^[0-9a-f]{64}$"
 # tmpfs: plaintext weights never reach a persistent disk. The cache refuses a directory here
-# that another user owns (see lib.sealed_cache.process_cache_dir).
+# that another user owns (see lib.sealed.node_cache.process_cache_dir).
 DEFAULT_MODEL_CACHE_DIR = "/dev/shm/sealserve"  # noqa: S108
 
 
@@ -153,7 +153,7 @@ class AppSettings(BaseModel):
     jwt_audience: str = Field("sealserve-api", description="Required `aud` of accepted JWTs.")
     accounts: AccountsSettings = Field(
         default_factory=AccountsSettings,
-        description="API keys, tokens, rate limits and usage recording (lib.accounts_settings).",
+        description="API keys, tokens, rate limits and usage recording (lib.accounts.settings).",
     )
     sealed: SealedSettings | None = Field(
         None, description="Sealed models fetched through the resource API and S3 (none: local only)."

@@ -1,6 +1,6 @@
 """A small thread-safe TTL cache in front of a blocking lookup (found and not-found answers alike).
 
-:class:`lib.key_cache.KeyCache` builds on it for plaintext API keys (keyed by their hash); the
+:class:`lib.accounts.key_cache.KeyCache` builds on it for plaintext API keys (keyed by their hash); the
 ingress also uses it directly for lookups by key *id* (the subject of a JWT), so that verifying
 a token costs no database round trip either. ``None`` answers are cached for ``negative_ttl_s``.
 """

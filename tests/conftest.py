@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def demo_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lib.demo_models import build_demo_models
+    from lib.models.demo import build_demo_models
 
     target = tmp_path_factory.mktemp("demo-models")
     build_demo_models(target)

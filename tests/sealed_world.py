@@ -2,7 +2,7 @@
 
 An S3-compatible server (moto, behind a counting proxy), the resource API (its own process and
 SQLite database), a publisher and a reader account, the CDN config released through the
-resource API, and the demo models published into it with ``lib.publish``.
+resource API, and the demo models published into it with ``lib.sealed.publish``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib.cdn import CdnClient
-from lib.publish import PublishResult, publish_model
-from lib.resource_client import ResourceClient
 from lib.retry import RetryPolicy
+from lib.sealed.cdn import CdnClient
+from lib.sealed.publish import PublishResult, publish_model
+from lib.sealed.resource_client import ResourceClient
 from tests.resource_api_server import ResourceApiServer, start_resource_api_server
 from tests.s3_server import S3Server, start_s3_server
 from tests.serve_harness import READER_EMAIL, READER_PASSWORD

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lib.demo_models import build_demo_models, has_models
+from lib.models.demo import build_demo_models, has_models
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from datetime import datetime
 
-from lib.accounts import AccountStore, KeyRecord, UsageSummary
+from lib.accounts.store import AccountStore, KeyRecord, UsageSummary
 from lib.db import resolve_database_url, utc_now
 from lib.durations import parse_duration, parse_since
 

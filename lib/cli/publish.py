@@ -20,14 +20,14 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from lib.cdn import CdnClient
-from lib.cdn_config import CdnConfig
 from lib.errors import BadRequestError
-from lib.fingerprint import node_fingerprint
-from lib.keywrap import NodeKeyPair
-from lib.publish import DEFAULT_SMALL_SIZE_KB, KINDS, publish_model
-from lib.resource_client import ResourceClient
-from lib.sealing import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE
+from lib.sealed.cdn import CdnClient
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.fingerprint import node_fingerprint
+from lib.sealed.format import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE
+from lib.sealed.keywrap import NodeKeyPair
+from lib.sealed.publish import DEFAULT_SMALL_SIZE_KB, KINDS, publish_model
+from lib.sealed.resource_client import ResourceClient
 
 URL_ENV = "RESOURCE_API_URL"
 EMAIL_ENV = "RESOURCE_API_EMAIL"

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import BadRequestError, NotFoundError
-from lib.sealing import DEFAULT_SEGMENT_SIZE, KEY_SIZE, MAX_SEGMENT_SIZE, generate_key, open_file, seal_file
+from lib.sealed.format import (
+    DEFAULT_SEGMENT_SIZE,
+    KEY_SIZE,
+    MAX_SEGMENT_SIZE,
+    generate_key,
+    open_file,
+    seal_file,
+)
 
 log = logging.getLogger(__name__)
 

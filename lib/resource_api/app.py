@@ -1,9 +1,9 @@
 """The resource API as a FastAPI app: ``create_app(settings)`` (DESIGN §3, "Resource API").
 
 Routes only parse HTTP and call :class:`~lib.resource_api.service.ResourceService`. Every body is
-JSON (``application/json``, else 415); bytes are base64 (see :mod:`lib.resource_api.schemas`).
+JSON (``application/json``, else 415); bytes are base64 (see :mod:`lib.sealed.wire`).
 Errors, request ids and the body limit (413 above ``max_upload_bytes``) are the shared plumbing of
-:mod:`lib.http_errors`, so both sealserve apps answer in the same body shape
+:mod:`lib.http.errors`, so both sealserve apps answer in the same body shape
 ``{"error": {"code", "message", "request_id"}}``.
 """
 
@@ -14,9 +14,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 
-from lib.cdn_config import CdnConfig
-from lib.http_errors import RequestContextMiddleware, install_error_handlers
-from lib.resource_api.schemas import (
+from lib.http.errors import RequestContextMiddleware, install_error_handlers
+from lib.resource_api.service import Principal, ResourceService
+from lib.resource_api.settings import ResourceApiSettings
+from lib.resource_api.store import ResourceStore
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.wire import (
     FINGERPRINT_PATTERN,
     NAME_PATTERN,
     CdnResponse,
@@ -31,9 +34,6 @@ from lib.resource_api.schemas import (
     UploadRequest,
     UploadResponse,
 )
-from lib.resource_api.service import Principal, ResourceService
-from lib.resource_api.settings import ResourceApiSettings
-from lib.resource_api.store import ResourceStore
 
 log = logging.getLogger(__name__)
 

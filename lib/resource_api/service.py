@@ -16,7 +16,6 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lib.cdn_config import CdnConfig
 from lib.errors import (
     AuthenticationError,
     IntegrityError,
@@ -24,10 +23,13 @@ from lib.errors import (
     PermissionDeniedError,
     ValidationFailedError,
 )
-from lib.keywrap import wrap_for_node
 from lib.resource_api.master_key import CDN_AAD, MasterKeyCipher, dek_aad
 from lib.resource_api.passwords import PasswordHasher, check_new_password
-from lib.resource_api.schemas import (
+from lib.resource_api.settings import ResourceApiSettings
+from lib.resource_api.store import NewResource, ResourceRecord, ResourceStore, UserRecord
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.keywrap import wrap_for_node
+from lib.sealed.wire import (
     EMAIL_PATTERN,
     FINGERPRINT_PATTERN,
     CdnResponse,
@@ -44,8 +46,6 @@ from lib.resource_api.schemas import (
     UploadRequest,
     UploadResponse,
 )
-from lib.resource_api.settings import ResourceApiSettings
-from lib.resource_api.store import NewResource, ResourceRecord, ResourceStore, UserRecord
 from lib.tokens import TokenService
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from lib.db import UTCDateTime, create_database_engine, database_errors, redact_url, utc_now
 from lib.errors import ValidationFailedError
-from lib.resource_api.schemas import FetchKind, Role, UploadStatus
+from lib.sealed.wire import FetchKind, Role, UploadStatus
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import pytest
 import requests
 from PIL import Image
 
-from lib.accounts import AccountStore, UsageRecord
+from lib.accounts.store import AccountStore, UsageRecord
 from tests.postgres_schema import temporary_schema
 from tests.serve_harness import (
     APP_NAME,

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from lib.cdn import CdnClient
 from lib.digest import sha256_file
-from lib.fingerprint import node_fingerprint
-from lib.keywrap import NodeKeyPair
-from lib.publish import PublishResult, pack_directory, publish_model
-from lib.resource_client import ResourceClient
 from lib.retry import RetryPolicy
-from lib.sealing import JoinedReader, open_stream
+from lib.sealed.cdn import CdnClient
+from lib.sealed.fingerprint import node_fingerprint
+from lib.sealed.format import JoinedReader, open_stream
+from lib.sealed.keywrap import NodeKeyPair
+from lib.sealed.publish import PublishResult, pack_directory, publish_model
+from lib.sealed.resource_client import ResourceClient
 from tests.resource_api_server import (
     REPO_ROOT,
     SEALSERVE_CLI,

@@ -13,13 +13,13 @@ import pytest
 import requests
 from pydantic import SecretStr
 
-from lib.cdn_config import CdnConfig
 from lib.errors import AuthenticationError, PermissionDeniedError, UpstreamError
-from lib.fingerprint import node_fingerprint
-from lib.keywrap import NodeKeyPair
-from lib.resource_client import ResourceClient
 from lib.retry import RetryPolicy
-from lib.sealing import generate_key, open_stream, seal_stream, split_point
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.fingerprint import node_fingerprint
+from lib.sealed.format import generate_key, open_stream, seal_stream, split_point
+from lib.sealed.keywrap import NodeKeyPair
+from lib.sealed.resource_client import ResourceClient
 from tests.resource_api_server import (
     RecordingSession,
     ResourceApiServer,

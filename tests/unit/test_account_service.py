@@ -11,14 +11,14 @@ import jwt
 import pydantic
 import pytest
 
-from lib.account_records import UsageRecord
-from lib.account_schemas import CleanupRequest, CreatedKeyResponse, CreateKeyRequest, TokenResponse
-from lib.account_service import AccountService
-from lib.accounts import AccountStore
-from lib.accounts_settings import AccountsSettings
-from lib.auth import ALL_SCOPES, Principal
+from lib.accounts.auth import ALL_SCOPES, Principal
+from lib.accounts.rate_limit import RateLimitSpec
+from lib.accounts.records import UsageRecord
+from lib.accounts.schemas import CleanupRequest, CreatedKeyResponse, CreateKeyRequest, TokenResponse
+from lib.accounts.service import AccountService
+from lib.accounts.settings import AccountsSettings
+from lib.accounts.store import AccountStore
 from lib.errors import ConfigurationError, NotFoundError, PermissionDeniedError, ValidationFailedError
-from lib.rate_limit import RateLimitSpec
 from lib.settings import AppSettings, Secrets, accounts_database_url
 from lib.tokens import TokenService
 

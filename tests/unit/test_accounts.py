@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-import lib.accounts
-from lib.accounts import AccountStore, CreatedKey, KeyRecord, Scope, UsageRecord
+import lib.accounts.store
+from lib.accounts.store import AccountStore, CreatedKey, KeyRecord, Scope, UsageRecord
+from lib.accounts.usage import UsageRecorder
 from lib.db import redact_url
 from lib.errors import NotFoundError, ServiceUnavailableError, ValidationFailedError
-from lib.usage import UsageRecorder
 from tests.postgres_schema import temporary_schema
 
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
@@ -117,13 +117,13 @@ def test_lookup_confirms_the_hash_in_constant_time(
 ) -> None:
     created = store.create_key("ci", ["infer"], "10/second")
     calls: list[tuple[bytes, bytes]] = []
-    real = lib.accounts.hmac.compare_digest
+    real = lib.accounts.store.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(lib.accounts.hmac, "compare_digest", spy)
+    monkeypatch.setattr(lib.accounts.store.hmac, "compare_digest", spy)
     assert store.lookup_key(created.key) is not None
     expected = hashlib.sha256(created.key.encode()).hexdigest().encode()
     assert calls == [(expected, expected)]

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from lib.accounts_settings import AccountsSettings
+from lib.accounts.settings import AccountsSettings
 from lib.db import default_database_url, resolve_database_url
 from lib.durations import parse_duration, parse_since
 from lib.errors import ValidationFailedError

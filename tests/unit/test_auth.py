@@ -12,10 +12,10 @@ from typing import Any
 import jwt
 import pytest
 
-from lib.account_records import KeyRecord
-from lib.auth import ALL_SCOPES, INVALID_CREDENTIALS, Authenticator, Principal, require_scope
+from lib.accounts.auth import ALL_SCOPES, INVALID_CREDENTIALS, Authenticator, Principal, require_scope
+from lib.accounts.rate_limit import RateLimitSpec
+from lib.accounts.records import KeyRecord
 from lib.errors import AuthenticationError, PermissionDeniedError
-from lib.rate_limit import RateLimitSpec
 from lib.tokens import TokenService
 
 SECRET = "t" * 64  # long enough for an HS512 forgery to draw no key-length warning

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib.catalog import DigestCache, ModelCatalog
 from lib.digest import sha256_file
 from lib.errors import ModelNotFoundError, ModelUnavailableError, WrongModelKindError
-from lib.model_files import Recognition, recognise
+from lib.models.catalog import DigestCache, ModelCatalog
+from lib.models.files import Recognition, recognise
 from lib.schemas import ModelInfo
 
 T2I, CLS = "text-to-image", "image-classification"

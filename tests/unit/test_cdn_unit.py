@@ -19,10 +19,10 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 from botocore.response import StreamingBody
 from pydantic import SecretStr
 
-from lib.cdn import CdnClient, MiB, TransferError, is_retryable, range_header, split_ranges
-from lib.cdn_config import CdnConfig
 from lib.errors import NotFoundError, UpstreamError
 from lib.retry import RetryPolicy
+from lib.sealed.cdn import CdnClient, MiB, TransferError, is_retryable, range_header, split_ranges
+from lib.sealed.cdn_config import CdnConfig
 
 SECRET = "unit-secret-value"
 

@@ -14,9 +14,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPTokenizer
 
-import lib.demo_models as demo_models
+import lib.models.demo as demo_models
 from lib.cli import main as cli_main
-from lib.demo_models import (
+from lib.models.demo import (
     CLASSIFIER_DIR_NAME,
     CLASSIFIER_LABELS,
     SD_DIR_NAME,

@@ -12,13 +12,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from lib.account_records import UsageRecord
-from lib.auth import Principal
+from lib.accounts.auth import Principal
+from lib.accounts.gate import Admission
+from lib.accounts.rate_limit import RateDecision, RateLimitSpec
+from lib.accounts.records import UsageRecord
 from lib.errors import PermissionDeniedError
-from lib.gate_middleware import GateMiddleware, admission_of, attach_admission, endpoint_of, with_headers
-from lib.http_errors import install_error_handlers
-from lib.rate_limit import RateDecision, RateLimitSpec
-from lib.request_gate import Admission
+from lib.http.errors import install_error_handlers
+from lib.http.gate import GateMiddleware, admission_of, attach_admission, endpoint_of, with_headers
 
 PRINCIPAL = Principal("k1", frozenset({"infer"}), "api_key", RateLimitSpec(10, 60))
 ALLOWED = RateDecision(True, 10, 7, 30.0, 0.0)

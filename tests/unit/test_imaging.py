@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lib.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
-from lib.imaging import decode_image, encode_png
+from lib.models.imaging import decode_image, encode_png
 
 LIMIT = 4096 * 4096
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lib.account_records import KeyRecord, generate_api_key, hash_api_key
-from lib.accounts import AccountStore
-from lib.key_cache import KeyCache
+from lib.accounts.key_cache import KeyCache
+from lib.accounts.records import KeyRecord, generate_api_key, hash_api_key
+from lib.accounts.store import AccountStore
 
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import lib.cli
-from lib.accounts import AccountStore, UsageRecord
+from lib.accounts.store import AccountStore, UsageRecord
 from lib.cli import main
 
 

@@ -1,4 +1,4 @@
-"""Node key release (lib/keywrap.py) and the node fingerprint (lib/fingerprint.py)."""
+"""Node key release (lib/sealed/keywrap.py) and the node fingerprint (lib/sealed/fingerprint.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib.errors import IntegrityError
-from lib.fingerprint import node_fingerprint
-from lib.keywrap import NodeKeyPair, WrappedSecret, b64decode, b64encode, wrap_for_node
+from lib.sealed.fingerprint import node_fingerprint
+from lib.sealed.keywrap import NodeKeyPair, WrappedSecret, b64decode, b64encode, wrap_for_node
 
 FP = node_fingerprint(machine_id_path=os.devnull, hostname="node-a", gpu_uuids=[])
 OTHER_FP = node_fingerprint(machine_id_path=os.devnull, hostname="node-b", gpu_uuids=[])
@@ -195,7 +195,7 @@ def test_fingerprint_reads_gpus_from_nvidia_smi(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_hanging_nvidia_smi_times_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from lib.fingerprint import read_gpu_uuids
+    from lib.sealed.fingerprint import read_gpu_uuids
 
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\nexec sleep 10\n")

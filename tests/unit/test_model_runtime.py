@@ -18,14 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import device as device_module
-from lib.classification import Classifier, classify, load_classifier
-from lib.demo_models import CLASSIFIER_DIR_NAME, CLASSIFIER_LABELS, SD_DIR_NAME
-from lib.device import Device, detect_device
 from lib.errors import ModelUnavailableError
+from lib.models import device as device_module
+from lib.models.classification import Classifier, classify, load_classifier
+from lib.models.demo import CLASSIFIER_DIR_NAME, CLASSIFIER_LABELS, SD_DIR_NAME
+from lib.models.device import Device, detect_device
+from lib.models.text_to_image import GenerationParams, generate, image_seeds, load_pipeline, resolve_params
 from lib.schemas import MAX_SEED, InferRequest, InferResponse
 from lib.settings import AppSettings
-from lib.text_to_image import GenerationParams, generate, image_seeds, load_pipeline, resolve_params
 
 SETTINGS = AppSettings(default_inference_steps=13, default_guidance_scale=4.5)
 
@@ -69,7 +69,7 @@ def test_random_seed_draws_from_the_full_range(monkeypatch: pytest.MonkeyPatch) 
         bounds.append(bound)
         return bound - 1
 
-    monkeypatch.setattr("lib.text_to_image.secrets.randbelow", fake_randbelow)
+    monkeypatch.setattr("lib.models.text_to_image.secrets.randbelow", fake_randbelow)
     assert resolve_params(request(), SETTINGS).seed == MAX_SEED
     assert bounds == [MAX_SEED + 1]
 

@@ -1,4 +1,4 @@
-"""lib.publish with small fakes for the two stores: deterministic tar, kind detection, idempotency, order."""
+"""lib.sealed.publish with small fakes for the two stores: tar, kind detection, idempotency, order."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 import lib.cli
-import lib.publish
+import lib.sealed.publish
 from lib.cli import main
 from lib.errors import NotFoundError, UpstreamError
-from lib.publish import PublishError, detect_kind, pack_directory, publish_model
-from lib.resource_api.schemas import ResourceManifest, UploadResponse
-from lib.sealing import JoinedReader, open_stream, sealed_size, split_point
+from lib.sealed.format import JoinedReader, open_stream, sealed_size, split_point
+from lib.sealed.publish import PublishError, detect_kind, pack_directory, publish_model
+from lib.sealed.wire import ResourceManifest, UploadResponse
 
 
 class FakeResources:
@@ -250,7 +250,7 @@ def test_content_that_changes_between_hashing_and_sealing_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = _safetensors(tmp_path / "sd.safetensors", ["model.diffusion_model.w"])
-    monkeypatch.setattr(lib.publish, "sha256_file", lambda path: "0" * 64)
+    monkeypatch.setattr(lib.sealed.publish, "sha256_file", lambda path: "0" * 64)
     resources, cdn = FakeResources(), FakeCdn()
     with pytest.raises(PublishError, match="changed while it was being published"):
         publish_model(model, name="sd", folder="models", resources=resources, cdn=cdn,

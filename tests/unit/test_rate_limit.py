@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lib.accounts.rate_limit import RateLimitSpec, SlidingWindowLimiter, parse_rate_limit
 from lib.errors import ValidationFailedError
-from lib.rate_limit import RateLimitSpec, SlidingWindowLimiter, parse_rate_limit
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from deployments.rate_limiter import RateLimiterClient
+from lib.accounts.rate_limit import RateDecision
 from lib.errors import ServiceUnavailableError
-from lib.rate_limit import RateDecision
 
 DECISION = RateDecision(True, 5, 4, 60.0, 0.0)
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from lib.account_records import KeyRecord
-from lib.auth import ALL_SCOPES, Authenticator, Principal, bootstrap_subject
+from lib.accounts.auth import ALL_SCOPES, Authenticator, Principal, bootstrap_subject
+from lib.accounts.gate import Admission, RequestGate, retry_after_seconds, usage_record
+from lib.accounts.rate_limit import RateDecision, RateLimitSpec, SlidingWindowLimiter
+from lib.accounts.records import KeyRecord
 from lib.errors import AuthenticationError, PermissionDeniedError, RateLimitedError, ServiceUnavailableError
-from lib.rate_limit import RateDecision, RateLimitSpec, SlidingWindowLimiter
-from lib.request_gate import Admission, RequestGate, retry_after_seconds, usage_record
 from lib.tokens import TokenService
 
 SECRET = "s" * 40

@@ -18,11 +18,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from lib.errors import ConfigurationError, IntegrityError
-from lib.keywrap import NodeKeyPair, WrappedSecret, b64encode
 from lib.resource_api.app import create_app
 from lib.resource_api.passwords import PasswordHasher
 from lib.resource_api.service import create_user
 from lib.resource_api.settings import ResourceApiSettings
+from lib.sealed.keywrap import NodeKeyPair, WrappedSecret, b64encode
 from lib.tokens import TokenService
 
 MASTER_KEY = os.urandom(32).hex()
@@ -293,7 +293,7 @@ def test_cdn_config_round_trip_and_encrypted_at_rest(client: TestClient, tmp_pat
     assert client.put("/cdn", json=config, headers=publisher).status_code == 200
     response = client.post("/cdn", json=request, headers=reader)
     wrapped = WrappedSecret.model_validate(response.json()["wrapped_config"])
-    from lib.cdn_config import CdnConfig
+    from lib.sealed.cdn_config import CdnConfig
 
     released = CdnConfig.from_plaintext_json(keypair.unwrap(wrapped, FP_A, context="cdn"))
     assert released.secret_access_key.get_secret_value() == secret and released.bucket == "models"

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from lib.cdn_config import CdnConfig
 from lib.cli.resource_api import register
 from lib.errors import BadRequestError, ConfigurationError, ValidationFailedError
-from lib.keywrap import NodeKeyPair, WrappedSecret
 from lib.resource_api.app import create_app
 from lib.resource_api.settings import ResourceApiSettings
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.keywrap import NodeKeyPair, WrappedSecret
 
 FP = "f" * 64
 

@@ -1,4 +1,4 @@
-"""ResourceClient (lib/resource_client.py) against a small in-memory fake of the resource API.
+"""ResourceClient (lib/sealed/resource_client.py) against a small in-memory fake of the resource API.
 
 The fake cuts the network boundary only: it issues tokens, checks them, wraps keys for real, and
 can be told to fail a path with a status or an exception, so every retry, re-login and denial
@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from lib.cdn_config import CdnConfig
 from lib.errors import (
     AuthenticationError,
     IntegrityError,
@@ -25,9 +24,10 @@ from lib.errors import (
     UpstreamError,
     ValidationFailedError,
 )
-from lib.keywrap import NodeKeyPair, b64decode, b64encode, wrap_for_node
-from lib.resource_client import ResourceClient
 from lib.retry import RetryPolicy
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.keywrap import NodeKeyPair, b64decode, b64encode, wrap_for_node
+from lib.sealed.resource_client import ResourceClient
 
 PASSWORD = "client-password-123"
 FP = "c" * 64

@@ -11,7 +11,7 @@ import pytest
 import lib.cli
 from lib.cli import main
 from lib.cli.seal import read_key_file
-from lib.sealing import HEADER_SIZE, sealed_size
+from lib.sealed.format import HEADER_SIZE, sealed_size
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """The node side of sealed models (DESIGN §3): fetch, verify, open, unpack, cache once per node.
 
 The fakes stand at the two network boundaries only: ``FakeStore`` plays the resource API (it holds
-real sealed small parts, manifests and DEKs made with :mod:`lib.sealing`, and wraps each DEK to the
+real sealed small parts, manifests and DEKs made with :mod:`lib.sealed.format`, and wraps each DEK to the
 caller's key pair as the real server does) and ``FakeCdn`` plays S3 (it holds the real big parts).
 Everything between them, the crypto included, is the production code.
 """
@@ -25,24 +25,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib.cdn_config import CdnConfig
 from lib.errors import (
     ConfigurationError,
     IntegrityError,
     NotFoundError,
     UpstreamError,
 )
-from lib.keywrap import NodeKeyPair, wrap_for_node
-from lib.resource_api.schemas import ResourceManifest
-from lib.resource_client import FetchedResource
-from lib.sealed_cache import (
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.format import generate_key, seal_stream, split_point
+from lib.sealed.keywrap import NodeKeyPair, wrap_for_node
+from lib.sealed.node_cache import (
     SealedFetcher,
     SealedModelCache,
     SealedRef,
     describe,
     process_cache_dir,
 )
-from lib.sealing import generate_key, seal_stream, split_point
+from lib.sealed.resource_client import FetchedResource
+from lib.sealed.wire import ResourceManifest
 
 FOLDER = "models"
 FINGERPRINT = "0" * 64

@@ -13,9 +13,6 @@ from typing import Any
 
 import pytest
 
-from lib import sealed_catalog
-from lib.cdn import MiB
-from lib.cdn_config import CdnConfig
 from lib.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -23,8 +20,11 @@ from lib.errors import (
     ModelUnavailableError,
     UpstreamError,
 )
-from lib.resource_client import ResourceClient
-from lib.sealed_catalog import LISTING, SealedCatalog, resource_client_from_env
+from lib.sealed import catalog as sealed_catalog
+from lib.sealed.catalog import LISTING, SealedCatalog, resource_client_from_env
+from lib.sealed.cdn import MiB
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.resource_client import ResourceClient
 from lib.settings import SealedSettings
 from tests.unit.test_sealed_cache import FINGERPRINT, FOLDER, FakeCdn, FakeStore, make_tar, payload
 

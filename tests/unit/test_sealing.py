@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lib import sealing
 from lib.digest import sha256_file, sha256_stream
 from lib.errors import IntegrityError
-from lib.sealing import (
+from lib.sealed import format as sealing
+from lib.sealed.format import (
     DEFAULT_SEGMENT_SIZE,
     HEADER_SIZE,
     KEY_SIZE,
@@ -162,7 +162,7 @@ def test_short_reads_are_handled(case: tuple[bytes, int], step: int) -> None:
 
 
 def independent_seal(data: bytes, key: bytes, salt: bytes, prefix: bytes, segment_size: int) -> bytes:
-    """DESIGN §3 written out again, without lib.sealing."""
+    """DESIGN §3 written out again, without lib.sealed.format."""
     header = b"SEALSRV1" + b"\x01" + segment_size.to_bytes(4, "big") + salt + prefix
     assert len(header) == 52
     seg_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"sealserve/v1" + header).derive(key)

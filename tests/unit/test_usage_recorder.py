@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from lib.account_records import UsageRecord
+from lib.accounts.records import UsageRecord
+from lib.accounts.usage import UsageRecorder
 from lib.retry import RetryPolicy
-from lib.usage import UsageRecorder
 
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 NO_WAIT = RetryPolicy(attempts=3, base_delay=0.0, max_delay=0.0)

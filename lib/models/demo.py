@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lib.demo_tokenizer import END_OF_TEXT, START_OF_TEXT, write_clip_tokenizer
+from lib.models.tokenizer import END_OF_TEXT, START_OF_TEXT, write_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 

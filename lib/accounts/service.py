@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from lib.account_schemas import (
+from lib.accounts.auth import Principal
+from lib.accounts.schemas import (
     CleanupRequest,
     CleanupResponse,
     CreatedKeyResponse,
@@ -23,8 +24,7 @@ from lib.account_schemas import (
     UsageStatsResponse,
     UsageSummaryResponse,
 )
-from lib.accounts import AccountStore
-from lib.auth import Principal
+from lib.accounts.store import AccountStore
 from lib.db import utc_now
 from lib.durations import parse_duration, parse_since
 from lib.errors import NotFoundError, PermissionDeniedError

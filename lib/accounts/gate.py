@@ -12,7 +12,7 @@ The rate limit is counted before the scope is checked: a request refused for its
 costs quota, so probing for scopes is limited like any other traffic, and the 403 can carry
 accurate rate-limit headers.
 
-Plain Python: no Ray, no FastAPI. The ASGI side is :mod:`lib.gate_middleware`.
+Plain Python: no Ray, no FastAPI. The ASGI side is :mod:`lib.http.gate`.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from lib.account_records import Scope, UsageRecord
-from lib.auth import Authenticator, Principal, require_scope
+from lib.accounts.auth import Authenticator, Principal, require_scope
+from lib.accounts.rate_limit import RateDecision
+from lib.accounts.records import Scope, UsageRecord
 from lib.db import utc_now
 from lib.errors import RateLimitedError
-from lib.rate_limit import RateDecision
 
 RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
-# Column widths of usage_records (lib.account_tables): longer values are cut, never refused, so
+# Column widths of usage_records (lib.accounts.tables): longer values are cut, never refused, so
 # that one odd request cannot make a whole usage batch fail.
 _KEY_ID_CHARS = 32
 _ENDPOINT_CHARS = 200
@@ -38,7 +38,7 @@ _MODEL_ID_CHARS = 200
 
 
 class RateLimiter(Protocol):
-    """The application's shared limiter (``lib.rate_limit.SlidingWindowLimiter.hit``, awaitable)."""
+    """The application's shared limiter (``lib.accounts.rate_limit.SlidingWindowLimiter.hit``, awaitable)."""
 
     async def hit(self, key: str, limit: int, window_s: int) -> RateDecision: ...
 

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from lib.account_records import UsageRecord
+from lib.accounts.records import UsageRecord
 from lib.retry import RetryPolicy, call_with_retries
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
-"""The ORM tables behind :class:`lib.accounts.AccountStore`: users, api_keys, usage_records.
+"""The ORM tables behind :class:`lib.accounts.store.AccountStore`: users, api_keys, usage_records.
 
-Rows never leave :mod:`lib.accounts`; callers get frozen records instead (picklable across Ray, and
+Rows never leave :mod:`lib.accounts.store`; callers get frozen records instead (picklable across Ray, and
 no lazy loads from a closed session).
 """
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lib.digest import sha256_file
 from lib.errors import ModelNotFoundError, ModelUnavailableError, WrongModelKindError
-from lib.model_files import MODEL_FILE_EXTENSIONS, Recognition, is_model_dir, recognise
+from lib.models.files import MODEL_FILE_EXTENSIONS, Recognition, is_model_dir, recognise
 from lib.schemas import ModelInfo
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Publish a model sealed: seal it, put the big part on S3 and the small part and DEK on the resource API.
 
 DESIGN §3 ("Sealed model format (v1)", "Resource API"). A model file is published as it is; a
-model directory is first packed into a *deterministic* tar (``lib.model_archive``), so that
+model directory is first packed into a *deterministic* tar (``lib.sealed.archive``), so that
 the model id — the sha256 of the plaintext file — depends on the content only, not on file
 order, mtimes, owners or umask. Then::
 
@@ -36,11 +36,10 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, get_args
 
 from lib.digest import HashingIO, sha256_file
 from lib.errors import IntegrityError, NotFoundError
-from lib.model_archive import PublishError, pack_directory
-from lib.model_files import recognise
-from lib.resource_api.schemas import NAME_PATTERN, UploadResponse, UploadStatus
+from lib.models.files import recognise
 from lib.schemas import ModelKind
-from lib.sealing import (
+from lib.sealed.archive import PublishError, pack_directory
+from lib.sealed.format import (
     DEFAULT_SEGMENT_SIZE,
     MAX_SEGMENT_SIZE,
     generate_key,
@@ -48,6 +47,7 @@ from lib.sealing import (
     sealed_size,
     split_point,
 )
+from lib.sealed.wire import NAME_PATTERN, UploadResponse, UploadStatus
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -60,7 +60,7 @@ _CHUNK = 1 << 20
 
 
 class ResourceStore(Protocol):
-    """The part of :class:`lib.resource_client.ResourceClient` publishing uses."""
+    """The part of :class:`lib.sealed.resource_client.ResourceClient` publishing uses."""
 
     def list(self, folder: str) -> builtins.list[dict[str, Any]]: ...
 
@@ -70,7 +70,7 @@ class ResourceStore(Protocol):
 
 
 class BigPartStore(Protocol):
-    """The part of :class:`lib.cdn.CdnClient` publishing uses."""
+    """The part of :class:`lib.sealed.cdn.CdnClient` publishing uses."""
 
     bucket: str
 
@@ -219,8 +219,8 @@ def publish_model(
 ) -> PublishResult:
     """Seal the model at ``path`` and publish it as (folder, name); see the module docstring.
 
-    ``resources`` is a :class:`~lib.resource_client.ResourceClient` logged in as a publisher,
-    ``cdn`` a :class:`~lib.cdn.CdnClient` for the bucket nodes download from. Network failures
+    ``resources`` is a :class:`~lib.sealed.resource_client.ResourceClient` logged in as a publisher,
+    ``cdn`` a :class:`~lib.sealed.cdn.CdnClient` for the bucket nodes download from. Network failures
     surface as the clients' errors (after their bounded retries); nothing partial is left that a
     node could mistake for a published model.
     """

@@ -1,4 +1,4 @@
-"""Wire schemas of the resource API, shared by the server and :mod:`lib.resource_client`.
+"""Wire schemas of the resource API, shared by the server and :mod:`lib.sealed.resource_client`.
 
 Every body is JSON; bytes travel as standard base64 strings (:data:`B64Bytes`). Request bodies
 forbid unknown fields. A manifest requires the fields below and keeps any others the publisher
@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
-from lib.keywrap import PUBLIC_KEY_SIZE, WrappedSecret, b64decode, b64encode
+from lib.sealed.keywrap import PUBLIC_KEY_SIZE, WrappedSecret, b64decode, b64encode
 
 Role = Literal["publisher", "reader"]
 FetchKind = Literal["dek", "cdn"]

@@ -30,9 +30,9 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, Inc
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.response import StreamingBody
 
-from lib.cdn_config import CdnConfig
 from lib.errors import IntegrityError, NotFoundError, SealserveError, UpstreamError
 from lib.retry import RetryPolicy, call_with_retries
+from lib.sealed.cdn_config import CdnConfig
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -1,4 +1,4 @@
-"""The values :class:`lib.accounts.AccountStore` takes and returns, plus scopes and the key format.
+"""The values :class:`lib.accounts.store.AccountStore` takes and returns, plus scopes and the key format.
 
 All records are frozen dataclasses of plain values: they pickle across Ray process boundaries and
 never hold a database session. Nothing here touches the database.
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
+from lib.accounts.rate_limit import RateLimitSpec, parse_rate_limit
 from lib.db import utc_now
 from lib.errors import ValidationFailedError
-from lib.rate_limit import RateLimitSpec, parse_rate_limit
 
 API_KEY_PREFIX = "ss_"
 API_KEY_RANDOM_BYTES = 32

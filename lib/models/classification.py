@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lib.device import Device
 from lib.errors import ModelUnavailableError
+from lib.models.device import Device
 from lib.schemas import Prediction
 
 

@@ -11,11 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lib.account_records import KeyRecord, Scope, UsageStat, UsageSummary
-from lib.accounts import UsageGrouping
+from lib.accounts.rate_limit import parse_rate_limit
+from lib.accounts.records import KeyRecord, Scope, UsageStat, UsageSummary
+from lib.accounts.store import UsageGrouping
 from lib.durations import parse_duration
 from lib.errors import ValidationFailedError
-from lib.rate_limit import parse_rate_limit
 
 __all__ = [
     "CleanupRequest",

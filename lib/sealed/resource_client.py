@@ -23,7 +23,6 @@ from urllib.parse import quote, urlsplit
 import requests
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from lib.cdn_config import CdnConfig
 from lib.errors import (
     AuthenticationError,
     BadRequestError,
@@ -37,8 +36,10 @@ from lib.errors import (
     UpstreamError,
     ValidationFailedError,
 )
-from lib.keywrap import NodeKeyPair
-from lib.resource_api.schemas import (
+from lib.retry import RetryPolicy, call_with_retries
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.keywrap import NodeKeyPair
+from lib.sealed.wire import (
     DEK_BYTES,
     CdnResponse,
     FetchCountResponse,
@@ -51,7 +52,6 @@ from lib.resource_api.schemas import (
     UploadRequest,
     UploadResponse,
 )
-from lib.retry import RetryPolicy, call_with_retries
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from lib.accounts.rate_limit import RateLimitSpec, parse_rate_limit
 from lib.db import resolve_database_url
 from lib.errors import ValidationFailedError
-from lib.rate_limit import RateLimitSpec, parse_rate_limit
 
 
 class AccountsSettings(BaseModel):

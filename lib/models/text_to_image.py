@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from lib.device import Device
 from lib.errors import ModelUnavailableError
-from lib.imaging import encode_png
+from lib.models.device import Device
+from lib.models.imaging import encode_png
 from lib.schemas import MAX_SEED, GeneratedImage, InferRequest, InferResponse
 from lib.settings import AppSettings
 

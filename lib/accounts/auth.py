@@ -9,10 +9,10 @@ Three kinds of credential are accepted, checked in this order:
   key's token, or one minted by an operator holding ``SECRET_KEY``) keeps its own scopes and gets
   the bootstrap rate limit;
 * a bootstrap key from ``API_KEYS`` (all scopes, the bootstrap rate limit);
-* a stored API key, found through ``lookup_key`` (the per-replica :class:`lib.key_cache.KeyCache`).
+* a stored API key, found through ``lookup_key`` (the per-replica :class:`lib.accounts.key_cache.KeyCache`).
 
 The lookups are synchronous and may hit the database on a cache miss, so an async caller runs
-:meth:`Authenticator.authenticate` in a thread (:class:`lib.request_gate.RequestGate` does).
+:meth:`Authenticator.authenticate` in a thread (:class:`lib.accounts.gate.RequestGate` does).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
-from lib.account_records import KeyRecord, Scope, hash_api_key
+from lib.accounts.rate_limit import RateLimitSpec
+from lib.accounts.records import KeyRecord, Scope, hash_api_key
 from lib.db import utc_now
 from lib.errors import AuthenticationError, PermissionDeniedError
-from lib.rate_limit import RateLimitSpec
 from lib.tokens import looks_like_jwt
 
 ALL_SCOPES: frozenset[str] = frozenset(scope.value for scope in Scope)

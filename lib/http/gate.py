@@ -1,6 +1,6 @@
 """ASGI middleware: the rate-limit headers and the usage record of every admitted request.
 
-The route's auth dependency stores its :class:`lib.request_gate.Admission` in the request state
+The route's auth dependency stores its :class:`lib.accounts.gate.Admission` in the request state
 (:func:`attach_admission`); from then on this middleware adds the admission's ``X-RateLimit-*`` /
 ``Retry-After`` headers to the response, whatever produced it (the route, or an error handler
 answering a 403, 422, 429, 504 ...), and, once the response is sent, hands a usage record to
@@ -20,8 +20,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from lib.account_records import UsageRecord
-from lib.request_gate import Admission, usage_record
+from lib.accounts.gate import Admission, usage_record
+from lib.accounts.records import UsageRecord
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

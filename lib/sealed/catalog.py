@@ -2,7 +2,7 @@
 
 Listing (``refresh``) asks the resource API for the manifests of the configured models; it
 releases no key. A key is released only when a replica needs the model (``ensure``), once per
-node thanks to :class:`~lib.sealed_cache.SealedModelCache`. Every failure of a sealed model is
+node thanks to :class:`~lib.sealed.node_cache.SealedModelCache`. Every failure of a sealed model is
 reported as :class:`~lib.errors.ModelUnavailableError` (503) naming the cause, kept for
 ``/health`` and logged; a wrong reader password, for instance, is the service's problem, never
 a 401 for the client.
@@ -18,15 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lib.cdn import CdnClient, MiB
-from lib.cdn_config import CdnConfig
 from lib.errors import ConfigurationError, ModelNotFoundError, ModelUnavailableError
-from lib.fingerprint import node_fingerprint
-from lib.resource_api.schemas import ResourceManifest
-from lib.resource_client import ResourceClient
 from lib.retry import RetryPolicy
 from lib.schemas import ModelInfo
-from lib.sealed_cache import (
+from lib.sealed.cdn import CdnClient, MiB
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.fingerprint import node_fingerprint
+from lib.sealed.node_cache import (
     ResourceSource,
     SealedFetcher,
     SealedModelCache,
@@ -34,6 +32,8 @@ from lib.sealed_cache import (
     describe,
     process_cache_dir,
 )
+from lib.sealed.resource_client import ResourceClient
+from lib.sealed.wire import ResourceManifest
 from lib.settings import SealedSettings
 
 log = logging.getLogger(__name__)

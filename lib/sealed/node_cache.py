@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from lib.cdn import CdnClient
-from lib.cdn_config import CdnConfig
 from lib.digest import HashingIO
 from lib.errors import ConfigurationError, IntegrityError, SealserveError
-from lib.keywrap import NodeKeyPair
-from lib.model_archive import unpack_archive
-from lib.resource_api.schemas import ResourceManifest
-from lib.resource_client import FetchedResource
-from lib.sealing import JoinedReader, open_stream
+from lib.sealed.archive import unpack_archive
+from lib.sealed.cdn import CdnClient
+from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.format import JoinedReader, open_stream
+from lib.sealed.keywrap import NodeKeyPair
+from lib.sealed.resource_client import FetchedResource
+from lib.sealed.wire import ResourceManifest
 
 log = logging.getLogger(__name__)
 

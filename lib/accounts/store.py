@@ -2,8 +2,8 @@
 
 ``AccountStore(url)`` creates its tables on first start. Keys are shown once (:class:`CreatedKey`)
 and stored as a sha256 hash; lookups go by that hash and confirm it with a constant-time compare.
-The store is synchronous; the ingress calls it through :class:`lib.key_cache.KeyCache` (reads) and
-:class:`lib.usage.UsageRecorder` (writes), both of which keep it off the request path.
+The store is synchronous; the ingress calls it through :class:`lib.accounts.key_cache.KeyCache` (reads) and
+:class:`lib.accounts.usage.UsageRecorder` (writes), both of which keep it off the request path.
 
 An ``AccountStore`` holds a connection pool, so it is not picklable: build one per process.
 """
@@ -34,7 +34,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lib.account_records import (
+from lib.accounts.rate_limit import parse_rate_limit
+from lib.accounts.records import (
     DISPLAY_PREFIX_CHARS,
     CreatedKey,
     KeyRecord,
@@ -47,10 +48,9 @@ from lib.account_records import (
     looks_like_api_key,
     parse_scopes,
 )
-from lib.account_tables import AccountsBase, ApiKeyRow, UsageRow, UserRow
+from lib.accounts.tables import AccountsBase, ApiKeyRow, UsageRow, UserRow
 from lib.db import create_database_engine, database_errors, redact_url, utc_now
 from lib.errors import NotFoundError, ValidationFailedError
-from lib.rate_limit import parse_rate_limit
 
 __all__ = [
     "AccountStore",
