@@ -41,7 +41,8 @@ from lib.accounts.service import AccountService
 from lib.accounts.store import AccountStore
 from lib.accounts.usage import UsageRecorder
 from lib.errors import GatewayTimeoutError, ServiceUnavailableError
-from lib.http.errors import RequestContextMiddleware, install_error_handlers
+from lib.http.context import RequestContextMiddleware
+from lib.http.errors import install_error_handlers
 from lib.http.gate import GateMiddleware, admission_of, attach_admission
 from lib.schemas import (
     ClassifyRequest,

@@ -45,6 +45,10 @@ class TextToImage(ModelReplica):
 
     async def generate(self, request: InferRequest) -> InferResponse:
         model = await self.get_model(request.model_id)
-        params = resolve_params(request, self._settings)
+        params = resolve_params(
+            request,
+            default_steps=self._settings.default_inference_steps,
+            default_guidance_scale=self._settings.default_guidance_scale,
+        )
         async with model.lock:
             return await asyncio.to_thread(generate, model.pipe, params, self._device)

@@ -17,33 +17,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from lib.accounts.gate import Admission, usage_record
 from lib.accounts.records import UsageRecord
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from lib.http.asgi import ASGIApp, AsgiScope, Message, Receive, Send
 
 ADMISSION_STATE_KEY = "admission"
 
 log = logging.getLogger(__name__)
 
 
-def attach_admission(scope: Scope, admission: Admission) -> None:
+def attach_admission(scope: AsgiScope, admission: Admission) -> None:
     scope.setdefault("state", {})[ADMISSION_STATE_KEY] = admission
 
 
-def admission_of(scope: Scope) -> Admission | None:
+def admission_of(scope: AsgiScope) -> Admission | None:
     found = scope.get("state", {}).get(ADMISSION_STATE_KEY)
     return found if isinstance(found, Admission) else None
 
 
-def endpoint_of(scope: Scope) -> str:
+def endpoint_of(scope: AsgiScope) -> str:
     """``METHOD /route/{template}``: the matched route's template, so ids in paths do not become
     endpoints of their own (FastAPI puts the matched route in the scope)."""
     route_path = getattr(scope.get("route"), "path", None)
@@ -62,7 +57,7 @@ class GateMiddleware:
         self._record = record
         self._clock = clock
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -85,7 +80,7 @@ class GateMiddleware:
             if admission is not None:
                 self._record_usage(scope, admission, status or 500, started)
 
-    def _record_usage(self, scope: Scope, admission: Admission, status: int, started: float) -> None:
+    def _record_usage(self, scope: AsgiScope, admission: Admission, status: int, started: float) -> None:
         try:
             self._record(
                 usage_record(

@@ -14,7 +14,6 @@ from lib.errors import ModelUnavailableError
 from lib.models.device import Device
 from lib.models.imaging import encode_png
 from lib.schemas import MAX_SEED, GeneratedImage, InferRequest, InferResponse
-from lib.settings import AppSettings
 
 
 @dataclass(frozen=True)
@@ -27,11 +26,12 @@ class GenerationParams:
     seed: int
 
 
-def resolve_params(request: InferRequest, settings: AppSettings) -> GenerationParams:
-    steps = request.num_inference_steps or settings.default_inference_steps
-    guidance = (
-        request.guidance_scale if request.guidance_scale is not None else settings.default_guidance_scale
-    )
+def resolve_params(
+    request: InferRequest, *, default_steps: int, default_guidance_scale: float
+) -> GenerationParams:
+    """The request with the deployment's defaults filled in and a seed chosen if it has none."""
+    steps = request.num_inference_steps or default_steps
+    guidance = request.guidance_scale if request.guidance_scale is not None else default_guidance_scale
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     return GenerationParams(request, steps, guidance, seed)
 

@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 
-from lib.http.errors import RequestContextMiddleware, install_error_handlers
+from lib.http.context import RequestContextMiddleware
+from lib.http.errors import install_error_handlers
 from lib.resource_api.service import Principal, ResourceService
 from lib.resource_api.settings import ResourceApiSettings
 from lib.resource_api.store import ResourceStore

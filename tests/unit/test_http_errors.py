@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 
 import lib.errors
 from lib.errors import SealserveError
-from lib.http.errors import REQUEST_ID_HEADER, RequestContextMiddleware, install_error_handlers
+from lib.http.context import RequestContextMiddleware
+from lib.http.errors import REQUEST_ID_HEADER, install_error_handlers
 
 LIMIT = 256
 LOGGER = "tests.http_errors"

@@ -25,9 +25,8 @@ from lib.models.demo import CLASSIFIER_DIR_NAME, CLASSIFIER_LABELS, SD_DIR_NAME
 from lib.models.device import Device, detect_device
 from lib.models.text_to_image import GenerationParams, generate, image_seeds, load_pipeline, resolve_params
 from lib.schemas import MAX_SEED, InferRequest, InferResponse
-from lib.settings import AppSettings
 
-SETTINGS = AppSettings(default_inference_steps=13, default_guidance_scale=4.5)
+DEFAULTS: dict[str, Any] = {"default_steps": 13, "default_guidance_scale": 4.5}
 
 
 def request(**overrides: Any) -> InferRequest:
@@ -39,11 +38,10 @@ def request(**overrides: Any) -> InferRequest:
 # --- parameters and seeds --------------------------------------------------------------------------
 
 
-def test_defaults_come_from_settings() -> None:
-    params = resolve_params(request(seed=1), SETTINGS)
+def test_defaults_come_from_the_deployment() -> None:
+    params = resolve_params(request(seed=1), **DEFAULTS)
     assert (params.num_inference_steps, params.guidance_scale) == (13, 4.5)
-    other = AppSettings(default_inference_steps=40, default_guidance_scale=9.0)
-    params = resolve_params(request(seed=1), other)
+    params = resolve_params(request(seed=1), default_steps=40, default_guidance_scale=9.0)
     assert (params.num_inference_steps, params.guidance_scale) == (40, 9.0)
 
 
@@ -52,12 +50,12 @@ def test_defaults_come_from_settings() -> None:
 )
 def test_explicit_values_are_kept(steps: int, guidance: float, seed: int) -> None:
     req = request(num_inference_steps=steps, guidance_scale=guidance, seed=seed)
-    params = resolve_params(req, SETTINGS)
+    params = resolve_params(req, **DEFAULTS)
     assert params == GenerationParams(req, steps, guidance, seed)
 
 
 def test_random_seed_is_in_range_and_varies() -> None:
-    seeds = [resolve_params(request(), SETTINGS).seed for _ in range(50)]
+    seeds = [resolve_params(request(), **DEFAULTS).seed for _ in range(50)]
     assert all(0 <= s <= MAX_SEED for s in seeds)
     assert len(set(seeds)) > 1
 
@@ -70,7 +68,7 @@ def test_random_seed_draws_from_the_full_range(monkeypatch: pytest.MonkeyPatch) 
         return bound - 1
 
     monkeypatch.setattr("lib.models.text_to_image.secrets.randbelow", fake_randbelow)
-    assert resolve_params(request(), SETTINGS).seed == MAX_SEED
+    assert resolve_params(request(), **DEFAULTS).seed == MAX_SEED
     assert bounds == [MAX_SEED + 1]
 
 
@@ -129,7 +127,7 @@ def pipeline(demo_models_dir: Path, cpu: Device) -> Any:
 def run(pipe: Any, device: Device, **overrides: Any) -> InferResponse:
     values: dict[str, Any] = {"width": 256, "height": 256, "num_inference_steps": 2, "seed": 1234}
     values.update(overrides)
-    return generate(pipe, resolve_params(request(**values), SETTINGS), device)
+    return generate(pipe, resolve_params(request(**values), **DEFAULTS), device)
 
 
 def pixels(b64: str) -> tuple[np.ndarray, Image.Image]:
