@@ -8,7 +8,6 @@ line without its password.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from typing import Any
 from sqlalchemy import DateTime, Engine, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
@@ -25,7 +25,8 @@ from lib.errors import ConfigurationError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SQLITE_PATH = Path(".sealserve") / "sealserve.db"
+DEFAULT_STATE_DIR = Path(".sealserve")
+SQLITE_FILE = "sealserve.db"
 DATABASE_URL_ENV = "DATABASE_URL"
 
 # Long enough to ride out a writer committing a usage batch; short enough that a wedged database
@@ -34,13 +35,16 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 POSTGRES_CONNECT_TIMEOUT_S = 5
 
 
-def default_database_url() -> str:
-    return f"sqlite:///{DEFAULT_SQLITE_PATH.as_posix()}"
+def resolve_database_url(*candidates: str | None, state_dir: Path = DEFAULT_STATE_DIR) -> str:
+    """The accounts database: the first URL given, else the SQLite file in ``state_dir``.
 
-
-def resolve_database_url(explicit: str | None = None) -> str:
-    """The URL to use: an explicit one, else ``$DATABASE_URL``, else the SQLite file default."""
-    return explicit or os.environ.get(DATABASE_URL_ENV) or default_database_url()
+    The one resolver for the app (args, then ``DATABASE_URL``) and the CLI (``--database-url``,
+    then ``DATABASE_URL``); each passes its candidates in order of precedence.
+    """
+    for url in candidates:
+        if url:
+            return url
+    return f"sqlite:///{(state_dir / SQLITE_FILE).as_posix()}"
 
 
 def redact_url(url: str) -> str:
@@ -143,5 +147,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+class UtcBase(DeclarativeBase):
+    """The declarative base of sealserve's tables: every ``datetime`` column is :class:`UTCDateTime`.
+
+    Each store derives an abstract base with its own ``MetaData`` (the accounts tables and the
+    resource API's tables are created, and may live, apart).
+    """
+
+    type_annotation_map = {datetime: UTCDateTime()}
+

@@ -33,6 +33,18 @@ class BadRequestError(SealserveError):
     code = "bad_request"
 
 
+class PublishError(BadRequestError):
+    """The model cannot be published as given (bad path, link, special file, unknown kind)."""
+
+    code = "publish_error"
+
+
+class KeyFileError(BadRequestError):
+    """The key file is missing, unreadable or not a 64-hex-character key."""
+
+    code = "bad_key_file"
+
+
 class InvalidImageError(BadRequestError):
     """The image could not be decoded."""
 
@@ -51,6 +63,13 @@ class PermissionDeniedError(SealserveError):
 
     status_code = 403
     code = "forbidden"
+
+
+class MethodNotAllowedError(SealserveError):
+    """The route does not take this HTTP method."""
+
+    status_code = 405
+    code = "method_not_allowed"
 
 
 class NotFoundError(SealserveError):
@@ -136,3 +155,29 @@ class IntegrityError(ServiceUnavailableError):
     """Sealed data failed verification: tampered, truncated, reordered, or the wrong key."""
 
     code = "integrity_error"
+
+
+# The one mapping between HTTP statuses and errors: the first-level class of each status. The
+# HTTP layer names a status it did not raise itself by it; the resource client raises it back.
+ERRORS_BY_STATUS: dict[int, type[SealserveError]] = {
+    cls.status_code: cls
+    for cls in (
+        BadRequestError,
+        AuthenticationError,
+        PermissionDeniedError,
+        NotFoundError,
+        MethodNotAllowedError,
+        PayloadTooLargeError,
+        UnsupportedMediaTypeError,
+        ValidationFailedError,
+        RateLimitedError,
+        ServiceUnavailableError,
+        GatewayTimeoutError,
+    )
+}
+
+
+def code_for_status(status: int) -> str:
+    """The stable ``code`` of an HTTP status (``http_error`` for one sealserve never answers)."""
+    error = ERRORS_BY_STATUS.get(status)
+    return error.code if error is not None else "http_error"

@@ -151,3 +151,13 @@ class Health(BaseModel):
     deployments: list[DeploymentHealth]
     models: int = Field(description="Models in the catalog.")
     errors: list[str] = Field(default_factory=list)
+
+
+class TokenResponse(BaseModel):
+    """A token response shaped like OAuth 2.0's: the ingress's ``POST /v1/auth/token`` and the
+    resource API's ``POST /login`` (whose ``scope`` is the user's role)."""
+
+    access_token: str = Field(repr=False, description="A JWT; send it as `Authorization: Bearer`.")
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth token type, not a secret
+    expires_in: int = Field(description="Seconds until the token expires.")
+    scope: str = Field(description="The token's scopes, space-separated.")

@@ -9,8 +9,6 @@ its default. Secrets never travel in the args: ``Secrets.from_env`` reads them w
 from __future__ import annotations
 
 import os
-import secrets as pysecrets
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +18,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from lib.accounts.settings import AccountsSettings
-from lib.db import DATABASE_URL_ENV
+from lib.db import DATABASE_URL_ENV, resolve_database_url
 from lib.errors import ConfigurationError
+from lib.secrets import MIN_SECRET_BYTES, PLACEHOLDER_SECRETS, read_or_create_secret
 
 Environment = Literal["development", "production"]
 
@@ -37,15 +36,9 @@ ENV_VARS: dict[str, str] = {
     "request_timeout_s": "REQUEST_TIMEOUT_S",
 }
 
-# Values that ship in examples and must never guard a production deployment.
-PLACEHOLDER_SECRETS = frozenset(
-    {"", "secret", "changeme", "change-me", "your-secure-secret-key", "dev", "development"}
-)
-MIN_SECRET_BYTES = 32
 MIN_API_KEY_CHARS = 32
 DEV_API_KEY_FILE = "dev-api-key"
 DEV_SECRET_FILE = "dev-secret-key"  # noqa: S105 - a file name, not a secret
-SQLITE_FILE = "sealserve.db"
 
 
 def _split_csv(value: Any) -> Any:
@@ -239,28 +232,5 @@ def accounts_database_url(settings: AppSettings, secrets: Secrets) -> str:
                 "set DATABASE_URL in the environment of the ingress, or PGPASSWORD"
             )
         return url
-    if secrets.database_url is not None:
-        return secrets.database_url.get_secret_value()
-    return f"sqlite:///{(settings.state_path / SQLITE_FILE).as_posix()}"
-
-
-def read_or_create_secret(path: Path) -> str:
-    """Return the secret stored at ``path``, creating it (mode 0600) exactly once.
-
-    Several processes may race here (replicas starting together): ``O_EXCL`` makes one of them
-    the writer, and the others read what it wrote.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        for _ in range(50):
-            value = path.read_text().strip()
-            if value:
-                return value
-            time.sleep(0.05)  # the creator has opened but not yet written the file
-        raise ConfigurationError(f"{path} exists but is empty") from None
-    value = pysecrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
-    return value
+    from_env = secrets.database_url.get_secret_value() if secrets.database_url else None
+    return resolve_database_url(from_env, state_dir=settings.state_path)

@@ -25,7 +25,7 @@ from typing import Literal, Protocol
 
 from lib.accounts.rate_limit import RateLimitSpec
 from lib.accounts.records import KeyRecord, Scope, hash_api_key
-from lib.db import utc_now
+from lib.clock import utc_now
 from lib.errors import AuthenticationError, PermissionDeniedError
 from lib.tokens import looks_like_jwt
 

@@ -26,7 +26,7 @@ from typing import Protocol
 from lib.accounts.auth import Authenticator, Principal, require_scope
 from lib.accounts.rate_limit import RateDecision
 from lib.accounts.records import Scope, UsageRecord
-from lib.db import utc_now
+from lib.clock import utc_now
 from lib.errors import RateLimitedError
 
 RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from lib.accounts.records import KeyRecord, hash_api_key, looks_like_api_key
-from lib.db import utc_now
+from lib.clock import utc_now
 from lib.ttl_cache import TtlCache
 
 

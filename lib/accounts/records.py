@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import Enum
 
 from lib.accounts.rate_limit import RateLimitSpec, parse_rate_limit
-from lib.db import utc_now
+from lib.clock import utc_now
 from lib.errors import ValidationFailedError
 
 API_KEY_PREFIX = "ss_"

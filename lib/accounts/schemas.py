@@ -7,7 +7,6 @@ Durations ("30d", "90d") and rate limits ("60/minute") are validated here, so a 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -16,6 +15,7 @@ from lib.accounts.records import KeyRecord, Scope, UsageStat, UsageSummary
 from lib.accounts.store import UsageGrouping
 from lib.durations import parse_duration
 from lib.errors import ValidationFailedError
+from lib.schemas import TokenResponse
 
 __all__ = [
     "CleanupRequest",
@@ -110,15 +110,6 @@ class CreatedKeyResponse(KeyInfo):
 class KeyList(BaseModel):
     keys: list[KeyInfo]
     count: int
-
-
-class TokenResponse(BaseModel):
-    """`POST /v1/auth/token`, shaped like an OAuth 2.0 token response."""
-
-    access_token: str = Field(repr=False, description="A JWT; send it as `Authorization: Bearer`.")
-    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth token type, not a secret
-    expires_in: int = Field(description="Seconds until the token expires.")
-    scope: str = Field(description="The token's scopes, space-separated.")
 
 
 class UsageSummaryResponse(BaseModel):

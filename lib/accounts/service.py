@@ -25,7 +25,7 @@ from lib.accounts.schemas import (
     UsageSummaryResponse,
 )
 from lib.accounts.store import AccountStore
-from lib.db import utc_now
+from lib.clock import utc_now
 from lib.durations import parse_duration, parse_since
 from lib.errors import NotFoundError, PermissionDeniedError
 from lib.tokens import TokenService

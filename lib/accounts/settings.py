@@ -10,7 +10,6 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from lib.accounts.rate_limit import RateLimitSpec, parse_rate_limit
-from lib.db import resolve_database_url
 from lib.errors import ValidationFailedError
 
 
@@ -83,7 +82,3 @@ class AccountsSettings(BaseModel):
     def bootstrap_rate_limit_spec(self) -> RateLimitSpec | None:
         return parse_rate_limit(self.bootstrap_rate_limit) if self.bootstrap_rate_limit else None
 
-    def resolved_database_url(self) -> str:
-        """The URL to connect to, after the $DATABASE_URL and SQLite fallbacks."""
-        explicit = self.database_url.get_secret_value() if self.database_url else None
-        return resolve_database_url(explicit)

@@ -14,7 +14,6 @@ import hmac
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -49,7 +48,8 @@ from lib.accounts.records import (
     parse_scopes,
 )
 from lib.accounts.tables import AccountsBase, ApiKeyRow, UsageRow, UserRow
-from lib.db import create_database_engine, database_errors, redact_url, utc_now
+from lib.clock import utc_now
+from lib.db import create_database_engine, database_errors, redact_url
 from lib.errors import NotFoundError, ValidationFailedError
 
 __all__ = [
@@ -65,14 +65,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# How the database is named in a 503 and a log line.
+DATABASE = "accounts"
+
 UsageGrouping = Literal["key", "endpoint", "model", "day"]
 
 # Any constant works, as long as every sealserve process uses the same one.
 _SCHEMA_LOCK_ID = 0x5EA15E7E
 
 
-def _database_errors(what: str) -> AbstractContextManager[None]:
-    return database_errors("accounts", what)
 
 
 class AccountStore:
@@ -82,7 +83,7 @@ class AccountStore:
         self._engine = create_database_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._clock = clock
-        with _database_errors("create the schema"):
+        with database_errors(DATABASE, "create the schema"):
             self._create_schema()
         log.debug("accounts store ready at %s", redact_url(url))
 
@@ -130,7 +131,7 @@ class AccountStore:
             revoked=False,
             created_at=self._clock(),
         )
-        with _database_errors("create a key"), self._sessions.begin() as session:
+        with database_errors(DATABASE, "create a key"), self._sessions.begin() as session:
             if email is not None:
                 row.owner_id = self._user_id(session, email)
             session.add(row)
@@ -141,18 +142,18 @@ class AccountStore:
         query = self._keys_query().order_by(ApiKeyRow.created_at, ApiKeyRow.id)
         if not include_revoked:
             query = query.where(ApiKeyRow.revoked.is_(False))
-        with _database_errors("list keys"), self._sessions() as session:
+        with database_errors(DATABASE, "list keys"), self._sessions() as session:
             return [_key_record(row, email) for row, email in session.execute(query)]
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         """The key with this id, revoked or expired ones included (for administration)."""
-        with _database_errors("read a key"), self._sessions() as session:
+        with database_errors(DATABASE, "read a key"), self._sessions() as session:
             found = session.execute(self._keys_query().where(ApiKeyRow.id == key_id)).first()
         return _key_record(*found) if found else None
 
     def revoke_key(self, key_id: str) -> KeyRecord:
         """Revoke a key (idempotent). Raises :class:`NotFoundError` for an unknown id."""
-        with _database_errors("revoke a key"), self._sessions.begin() as session:
+        with database_errors(DATABASE, "revoke a key"), self._sessions.begin() as session:
             result = session.execute(
                 update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(revoked=True)
             )
@@ -171,7 +172,7 @@ class AccountStore:
 
     def lookup_key_hash(self, key_hash: str) -> KeyRecord | None:
         """Like :meth:`lookup_key`, for a caller that already hashed the key (the key cache)."""
-        with _database_errors("look up a key"), self._sessions() as session:
+        with database_errors(DATABASE, "look up a key"), self._sessions() as session:
             found = session.execute(self._keys_query().where(ApiKeyRow.key_hash == key_hash)).first()
         if found is None:
             return None
@@ -205,7 +206,7 @@ class AccountStore:
         for r in records:
             if r.key_id not in last_used or r.timestamp > last_used[r.key_id]:
                 last_used[r.key_id] = r.timestamp
-        with _database_errors("record usage"), self._sessions.begin() as session:
+        with database_errors(DATABASE, "record usage"), self._sessions.begin() as session:
             session.execute(insert(UsageRow), rows)
             for key_id, when in last_used.items():
                 session.execute(
@@ -226,7 +227,7 @@ class AccountStore:
             .where(*filters, UsageRow.model_id.is_not(None))
             .group_by(UsageRow.model_id)
         )
-        with _database_errors("summarize usage"), self._sessions() as session:
+        with database_errors(DATABASE, "summarize usage"), self._sessions() as session:
             requests, successes, avg_ms, images = session.execute(totals).one()
             endpoints = {str(e): int(n) for e, n in session.execute(by_endpoint)}
             models = {str(m): int(n) for m, n in session.execute(by_model)}
@@ -245,7 +246,7 @@ class AccountStore:
         """Per-group totals, sorted by group (days ascending; the no-model group last)."""
         group = self._group_column(by)
         query = select(group, *_aggregates()).where(*self._usage_filters(None, since)).group_by(group)
-        with _database_errors("compute usage stats"), self._sessions() as session:
+        with database_errors(DATABASE, "compute usage stats"), self._sessions() as session:
             rows = session.execute(query).all()
         stats = [
             UsageStat(
@@ -265,7 +266,7 @@ class AccountStore:
         if older_than <= timedelta(0):
             raise ValidationFailedError("older_than must be a positive duration")
         cutoff = self._clock() - older_than
-        with _database_errors("clean up usage"), self._sessions.begin() as session:
+        with database_errors(DATABASE, "clean up usage"), self._sessions.begin() as session:
             result = session.execute(delete(UsageRow).where(UsageRow.timestamp < cutoff))
         deleted = int(getattr(result, "rowcount", 0) or 0)
         log.info("deleted %d usage records older than %s", deleted, cutoff.isoformat())

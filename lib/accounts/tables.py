@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String
+from sqlalchemy.orm import Mapped, mapped_column
 
-from lib.db import UTCDateTime, utc_now
+from lib.clock import utc_now
+from lib.db import UtcBase
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias), not a BIGINT one.
 _AUTO_ID = BigInteger().with_variant(Integer(), "sqlite")
 
 
-class AccountsBase(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime()}
+class AccountsBase(UtcBase):
+    __abstract__ = True
+    metadata = MetaData()
 
 
 class UserRow(AccountsBase):

@@ -8,10 +8,12 @@ it); nothing else ever prints a key or its hash. The database comes from ``--dat
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import datetime
 
 from lib.accounts.store import AccountStore, KeyRecord, UsageSummary
-from lib.db import resolve_database_url, utc_now
+from lib.clock import utc_now
+from lib.db import DATABASE_URL_ENV, resolve_database_url
 from lib.durations import parse_duration, parse_since
 
 
@@ -59,7 +61,9 @@ def _add_database_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_store(args: argparse.Namespace) -> AccountStore:
-    return AccountStore(resolve_database_url(getattr(args, "database_url", None)))
+    return AccountStore(
+        resolve_database_url(getattr(args, "database_url", None), os.environ.get(DATABASE_URL_ENV))
+    )
 
 
 def create_key_command(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from lib.errors import BadRequestError, NotFoundError
+from lib.errors import BadRequestError, KeyFileError, NotFoundError
 from lib.sealed.format import (
     DEFAULT_SEGMENT_SIZE,
     KEY_SIZE,
@@ -26,12 +26,6 @@ from lib.sealed.format import (
 log = logging.getLogger(__name__)
 
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
-
-
-class KeyFileError(BadRequestError):
-    """The key file is missing, unreadable or not a 64-hex-character key."""
-
-    code = "bad_key_file"
 
 
 def read_key_file(path: Path) -> bytes:

@@ -18,22 +18,10 @@ from lib.errors import (
     BadRequestError,
     SealserveError,
     ValidationFailedError,
+    code_for_status,
 )
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_STATUS_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "validation_error",
-    429: "rate_limited",
-    503: "service_unavailable",
-    504: "timeout",
-}
 
 
 def request_id_of(request: Request) -> str:
@@ -86,7 +74,7 @@ def install_error_handlers(app: FastAPI, log: logging.Logger) -> None:
         # FastAPI turns an error raised while reading the body (our size limit) into a 400.
         if isinstance(exc.__cause__, SealserveError):
             return sealserve_error_response(exc.__cause__, request_id_of(request))
-        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        code = code_for_status(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return error_response(exc.status_code, code, message, request_id_of(request))
 

@@ -16,9 +16,10 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request
 
 from lib.http.context import RequestContextMiddleware
 from lib.http.errors import install_error_handlers
-from lib.resource_api.service import Principal, ResourceService
+from lib.resource_api.service import ResourceCaller, ResourceService
 from lib.resource_api.settings import ResourceApiSettings
 from lib.resource_api.store import ResourceStore
+from lib.schemas import TokenResponse
 from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.wire import (
     FINGERPRINT_PATTERN,
@@ -31,7 +32,6 @@ from lib.sealed.wire import (
     ListResponse,
     LoginRequest,
     NodeKeyRequest,
-    TokenResponse,
     UploadRequest,
     UploadResponse,
 )
@@ -42,13 +42,13 @@ Folder = Annotated[str, Path(pattern=NAME_PATTERN, description="folder name")]
 OptionalName = Annotated[str | None, Query(pattern=NAME_PATTERN)]
 
 
-def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> ResourceCaller:
     service: ResourceService = request.app.state.service
     return service.authenticate(authorization)
 
 
 # Module level: FastAPI resolves the (postponed) annotations of routes against module globals.
-Caller = Annotated[Principal, Depends(_caller)]
+Caller = Annotated[ResourceCaller, Depends(_caller)]
 
 
 def _add_routes(app: FastAPI, service: ResourceService) -> None:

@@ -27,6 +27,7 @@ from lib.resource_api.master_key import CDN_AAD, MasterKeyCipher, dek_aad
 from lib.resource_api.passwords import PasswordHasher, check_new_password
 from lib.resource_api.settings import ResourceApiSettings
 from lib.resource_api.store import NewResource, ResourceRecord, ResourceStore, UserRecord
+from lib.schemas import TokenResponse
 from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.keywrap import wrap_for_node
 from lib.sealed.wire import (
@@ -42,7 +43,6 @@ from lib.sealed.wire import (
     NodeKeyRequest,
     ResourceManifest,
     Role,
-    TokenResponse,
     UploadRequest,
     UploadResponse,
 )
@@ -55,7 +55,7 @@ ROLES: tuple[Role, ...] = ("publisher", "reader")
 
 
 @dataclass(frozen=True)
-class Principal:
+class ResourceCaller:
     """The authenticated caller of one request."""
 
     user_id: int
@@ -135,9 +135,9 @@ class ResourceService:
             raise AuthenticationError(_BAD_CREDENTIALS)
         log.info("login ok: user id %d (%s)", user.id, user.role)
         issued = self._tokens.issue(str(user.id), [user.role])
-        return TokenResponse(access_token=issued.token, expires_in=issued.expires_in)
+        return TokenResponse(access_token=issued.token, expires_in=issued.expires_in, scope=user.role)
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    def authenticate(self, authorization: str | None) -> ResourceCaller:
         """The caller behind an ``Authorization: Bearer <token>`` header, else 401."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -146,11 +146,11 @@ class ResourceService:
         user = self.store.user_by_id(int(claims.subject)) if claims.subject.isdigit() else None
         if user is None:
             raise AuthenticationError("invalid or expired token")
-        return Principal(user.id, user.email, user.role, user.allowed_fingerprints)
+        return ResourceCaller(user.id, user.email, user.role, user.allowed_fingerprints)
 
     # -- resources -------------------------------------------------------------------------------
 
-    def upload(self, principal: Principal, folder: str, request: UploadRequest) -> UploadResponse:
+    def upload(self, principal: ResourceCaller, folder: str, request: UploadRequest) -> UploadResponse:
         """Store or replace (folder, name). Same id, small part, manifest and DEK: "unchanged".
 
         A re-upload with the same id but another sealing (new DEK, new small part) replaces the
@@ -184,7 +184,7 @@ class ResourceService:
         log.info("upload %s/%s by user id %d: %s", folder, request.name, principal.user_id, status)
         return UploadResponse(folder=folder, name=request.name, id=request.manifest.id, status=status)
 
-    def get(self, principal: Principal, folder: str, request: GetRequest) -> GetResponse:
+    def get(self, principal: ResourceCaller, folder: str, request: GetRequest) -> GetResponse:
         """The small part, manifest and DEK wrapped to the caller's key and node; logged."""
         _check_node(principal, request.fingerprint)
         record = self.store.resource(folder, request.name)
@@ -207,7 +207,7 @@ class ResourceService:
             wrapped_key=wrapped,
         )
 
-    def list(self, principal: Principal, folder: str) -> ListResponse:
+    def list(self, principal: ResourceCaller, folder: str) -> ListResponse:
         manifests = self.store.list_manifests(folder)
         return ListResponse(
             folder=folder, resources=[ResourceManifest.model_validate(m) for m in manifests]
@@ -215,7 +215,7 @@ class ResourceService:
 
     # -- CDN config ------------------------------------------------------------------------------
 
-    def set_cdn_config(self, principal: Principal, config: CdnConfig) -> None:
+    def set_cdn_config(self, principal: ResourceCaller, config: CdnConfig) -> None:
         _require_publisher(principal)
         self.save_cdn_config(config)
         log.info("CDN config set by user id %d", principal.user_id)
@@ -225,7 +225,7 @@ class ResourceService:
         self.store.set_cdn_config(self._cipher.encrypt(config.plaintext_json(), aad=CDN_AAD))
         log.info("CDN config stored (bucket %s)", config.bucket)
 
-    def cdn_config(self, principal: Principal, request: NodeKeyRequest) -> CdnResponse:
+    def cdn_config(self, principal: ResourceCaller, request: NodeKeyRequest) -> CdnResponse:
         _check_node(principal, request.fingerprint)
         sealed = self.store.cdn_config()
         if sealed is None:
@@ -240,7 +240,7 @@ class ResourceService:
 
     def fetch_count(
         self,
-        principal: Principal,
+        principal: ResourceCaller,
         *,
         folder: str | None = None,
         name: str | None = None,
@@ -263,12 +263,12 @@ class ResourceService:
             raise
 
 
-def _require_publisher(principal: Principal) -> None:
+def _require_publisher(principal: ResourceCaller) -> None:
     if principal.role != "publisher":
         raise PermissionDeniedError("this action needs the publisher role")
 
 
-def _check_node(principal: Principal, fingerprint: str) -> None:
+def _check_node(principal: ResourceCaller, fingerprint: str) -> None:
     allowed = principal.allowed_fingerprints
     if allowed is not None and fingerprint not in allowed:
         log.warning(

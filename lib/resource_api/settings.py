@@ -21,7 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from lib.errors import ConfigurationError
-from lib.settings import MIN_SECRET_BYTES, PLACEHOLDER_SECRETS, Environment, read_or_create_secret
+from lib.secrets import MIN_SECRET_BYTES, PLACEHOLDER_SECRETS, read_or_create_secret
+from lib.settings import Environment
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,6 +22,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    MetaData,
     String,
     Text,
     UniqueConstraint,
@@ -31,20 +31,25 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
-from lib.db import UTCDateTime, create_database_engine, database_errors, redact_url, utc_now
+from lib.clock import utc_now
+from lib.db import UtcBase, create_database_engine, database_errors, redact_url
 from lib.errors import ValidationFailedError
 from lib.sealed.wire import FetchKind, Role, UploadStatus
 
 log = logging.getLogger(__name__)
 
+# How the database is named in a 503 and a log line.
+DATABASE = "resource"
 
-class ResourceBase(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime()}
+
+class ResourceBase(UtcBase):
+    __abstract__ = True
+    metadata = MetaData()
 
 
-class UserRow(ResourceBase):
+class ResourceUserRow(ResourceBase):
     __tablename__ = "resource_api_users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -127,8 +132,7 @@ class NewResource:
     dek_encrypted: bytes = field(repr=False)
 
 
-def _database_errors(what: str) -> AbstractContextManager[None]:
-    return database_errors("resource", what)
+
 
 
 class ResourceStore:
@@ -138,7 +142,7 @@ class ResourceStore:
         self._engine = create_database_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._clock = clock
-        with _database_errors("create the schema"):
+        with database_errors(DATABASE, "create the schema"):
             ResourceBase.metadata.create_all(self._engine)
         log.info("resource store ready at %s", redact_url(url))
 
@@ -146,7 +150,7 @@ class ResourceStore:
         self._engine.dispose()
 
     def ping(self) -> None:
-        with _database_errors("check the database"), self._engine.connect() as connection:
+        with database_errors(DATABASE, "check the database"), self._engine.connect() as connection:
             connection.execute(text("SELECT 1"))
 
     # -- users -----------------------------------------------------------------------------------
@@ -154,7 +158,7 @@ class ResourceStore:
     def create_user(
         self, *, email: str, password_hash: str, role: Role, allowed_fingerprints: Sequence[str] | None
     ) -> UserRecord:
-        row = UserRow(
+        row = ResourceUserRow(
             email=email,
             password_hash=password_hash,
             role=role,
@@ -162,25 +166,26 @@ class ResourceStore:
             created_at=self._clock(),
         )
         try:
-            with _database_errors("create a user"), self._sessions.begin() as session:
+            with database_errors(DATABASE, "create a user"), self._sessions.begin() as session:
                 session.add(row)
         except SqlIntegrityError:
             raise ValidationFailedError("a user with this email already exists") from None
         return _user_record(row)
 
     def user_by_email(self, email: str) -> UserRecord | None:
-        with _database_errors("look up a user"), self._sessions() as session:
-            row = session.scalar(select(UserRow).where(UserRow.email == email))
+        with database_errors(DATABASE, "look up a user"), self._sessions() as session:
+            row = session.scalar(select(ResourceUserRow).where(ResourceUserRow.email == email))
             return _user_record(row) if row else None
 
     def user_by_id(self, user_id: int) -> UserRecord | None:
-        with _database_errors("look up a user"), self._sessions() as session:
-            row = session.get(UserRow, user_id)
+        with database_errors(DATABASE, "look up a user"), self._sessions() as session:
+            row = session.get(ResourceUserRow, user_id)
             return _user_record(row) if row else None
 
     def list_users(self) -> list[UserRecord]:
-        with _database_errors("list users"), self._sessions() as session:
-            return [_user_record(row) for row in session.scalars(select(UserRow).order_by(UserRow.email))]
+        with database_errors(DATABASE, "list users"), self._sessions() as session:
+            rows = session.scalars(select(ResourceUserRow).order_by(ResourceUserRow.email))
+            return [_user_record(row) for row in rows]
 
     # -- resources -------------------------------------------------------------------------------
 
@@ -199,7 +204,7 @@ class ResourceStore:
     ) -> UploadStatus:
         now = self._clock()
         manifest_json = json.dumps(new.manifest, sort_keys=True)
-        with _database_errors("store a resource"), self._sessions.begin() as session:
+        with database_errors(DATABASE, "store a resource"), self._sessions.begin() as session:
             row = session.scalar(
                 select(ResourceRow)
                 .where(ResourceRow.folder == new.folder, ResourceRow.name == new.name)
@@ -224,7 +229,7 @@ class ResourceStore:
             return "replaced"
 
     def resource(self, folder: str, name: str) -> ResourceRecord | None:
-        with _database_errors("read a resource"), self._sessions() as session:
+        with database_errors(DATABASE, "read a resource"), self._sessions() as session:
             row = session.scalar(
                 select(ResourceRow).where(ResourceRow.folder == folder, ResourceRow.name == name)
             )
@@ -232,7 +237,7 @@ class ResourceStore:
 
     def list_manifests(self, folder: str) -> list[dict[str, Any]]:
         # Only the manifest column: listing must not load small parts or sealed keys.
-        with _database_errors("list resources"), self._sessions() as session:
+        with database_errors(DATABASE, "list resources"), self._sessions() as session:
             manifests = session.scalars(
                 select(ResourceRow.manifest).where(ResourceRow.folder == folder).order_by(ResourceRow.name)
             )
@@ -244,7 +249,7 @@ class ResourceStore:
         self, *, user_id: int, fingerprint: str, kind: FetchKind, folder: str | None = None,
         name: str | None = None,
     ) -> None:
-        with _database_errors("log a fetch"), self._sessions.begin() as session:
+        with database_errors(DATABASE, "log a fetch"), self._sessions.begin() as session:
             session.add(
                 FetchRow(
                     user_id=user_id, fingerprint=fingerprint, folder=folder, name=name, kind=kind,
@@ -269,22 +274,22 @@ class ResourceStore:
             query = query.where(FetchRow.kind == kind)
         if fingerprint is not None:
             query = query.where(FetchRow.fingerprint == fingerprint)
-        with _database_errors("count fetches"), self._sessions() as session:
+        with database_errors(DATABASE, "count fetches"), self._sessions() as session:
             return int(session.scalar(query) or 0)
 
     # -- CDN config ------------------------------------------------------------------------------
 
     def set_cdn_config(self, config_encrypted: bytes) -> None:
-        with _database_errors("store the CDN config"), self._sessions.begin() as session:
+        with database_errors(DATABASE, "store the CDN config"), self._sessions.begin() as session:
             session.merge(CdnConfigRow(id=1, config_encrypted=config_encrypted, updated_at=self._clock()))
 
     def cdn_config(self) -> bytes | None:
-        with _database_errors("read the CDN config"), self._sessions() as session:
+        with database_errors(DATABASE, "read the CDN config"), self._sessions() as session:
             row = session.get(CdnConfigRow, 1)
             return row.config_encrypted if row else None
 
 
-def _user_record(row: UserRow) -> UserRecord:
+def _user_record(row: ResourceUserRow) -> UserRecord:
     fingerprints = row.allowed_fingerprints
     return UserRecord(
         id=row.id,

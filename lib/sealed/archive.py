@@ -15,17 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib.digest import HashingIO
-from lib.errors import BadRequestError, IntegrityError
+from lib.errors import IntegrityError, PublishError
 
 _DIR_MODE = 0o755
 _FILE_MODE = 0o644
 _EXEC_FILE_MODE = 0o755
-
-
-class PublishError(BadRequestError):
-    """The model cannot be published as given (bad path, link, special file, unknown kind)."""
-
-    code = "publish_error"
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, get_args
 
 from lib.digest import HashingIO, sha256_file
-from lib.errors import IntegrityError, NotFoundError
+from lib.errors import IntegrityError, NotFoundError, PublishError
 from lib.models.files import recognise
 from lib.schemas import ModelKind
-from lib.sealed.archive import PublishError, pack_directory
+from lib.sealed.archive import pack_directory
 from lib.sealed.format import (
     DEFAULT_SEGMENT_SIZE,
     MAX_SEGMENT_SIZE,

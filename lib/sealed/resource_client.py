@@ -24,19 +24,14 @@ import requests
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from lib.errors import (
+    ERRORS_BY_STATUS,
     AuthenticationError,
-    BadRequestError,
     IntegrityError,
-    NotFoundError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-    RateLimitedError,
-    SealserveError,
-    UnsupportedMediaTypeError,
     UpstreamError,
     ValidationFailedError,
 )
 from lib.retry import RetryPolicy, call_with_retries
+from lib.schemas import TokenResponse
 from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.keywrap import NodeKeyPair
 from lib.sealed.wire import (
@@ -48,7 +43,6 @@ from lib.sealed.wire import (
     GetResponse,
     ListResponse,
     NodeKeyRequest,
-    TokenResponse,
     UploadRequest,
     UploadResponse,
 )
@@ -59,16 +53,6 @@ _T = TypeVar("_T", bound=BaseModel)
 
 DEFAULT_TIMEOUT: tuple[float, float] = (3.05, 30.0)
 DEFAULT_RETRY = RetryPolicy()
-_ERRORS_BY_STATUS: dict[int, type[SealserveError]] = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    413: PayloadTooLargeError,
-    415: UnsupportedMediaTypeError,
-    422: ValidationFailedError,
-    429: RateLimitedError,
-}
 
 
 @dataclass(frozen=True)
@@ -289,7 +273,9 @@ def _raise_for(response: requests.Response, what: str) -> NoReturn:
         message = str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         message = f"HTTP {response.status_code}"
-    error_class = _ERRORS_BY_STATUS.get(response.status_code, UpstreamError)
+    # A client error is the caller's to see as such; anything else is the upstream failing.
+    status = response.status_code
+    error_class = ERRORS_BY_STATUS.get(status, UpstreamError) if 400 <= status < 500 else UpstreamError
     raise error_class(f"{what}: {message}")
 
 

@@ -49,12 +49,6 @@ class LoginRequest(_Request):
     password: str = Field(min_length=1, max_length=1024)
 
 
-class TokenResponse(BaseModel):
-    access_token: str
-    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth token type, not a secret
-    expires_in: int = Field(description="seconds until the token expires")
-
-
 class ResourceManifest(BaseModel):
     """What the loader needs to fetch, join, verify and open a sealed model."""
 

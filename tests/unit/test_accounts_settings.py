@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from lib.accounts.settings import AccountsSettings
-from lib.db import default_database_url, resolve_database_url
+from lib.db import DATABASE_URL_ENV, resolve_database_url
 from lib.durations import parse_duration, parse_since
 from lib.errors import ValidationFailedError
 
@@ -23,19 +23,20 @@ def test_defaults_and_every_field_is_described() -> None:
         AccountsSettings(usage_batch_size=0)
 
 
-def test_database_url_falls_back_to_env_then_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    assert AccountsSettings().resolved_database_url() == default_database_url()
-    assert default_database_url() == "sqlite:///.sealserve/sealserve.db"
-    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://db/x")
-    assert AccountsSettings().resolved_database_url() == "postgresql+psycopg://db/x"
-    assert resolve_database_url("sqlite:///explicit.db") == "sqlite:///explicit.db"
+def test_database_url_falls_back_to_env_then_sqlite() -> None:
+    # The CLI's order: --database-url, then $DATABASE_URL, then the SQLite file in .sealserve/.
+    assert resolve_database_url(None, None) == resolve_database_url()
+    assert resolve_database_url() == "sqlite:///.sealserve/sealserve.db"
+    assert resolve_database_url(None, "postgresql+psycopg://db/x") == "postgresql+psycopg://db/x"
+    assert resolve_database_url("sqlite:///explicit.db", "postgresql+psycopg://db/x") == "sqlite:///explicit.db"
+    assert DATABASE_URL_ENV == "DATABASE_URL"
 
 
 def test_a_database_password_does_not_show_in_repr() -> None:
     settings = AccountsSettings(database_url="postgresql+psycopg://u:hunter2@db/x")
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
-    assert settings.resolved_database_url().endswith("u:hunter2@db/x")
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value().endswith("u:hunter2@db/x")
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ import pytest
 import lib.cli
 import lib.sealed.publish
 from lib.cli import main
-from lib.errors import NotFoundError, UpstreamError
+from lib.errors import NotFoundError, PublishError, UpstreamError
 from lib.sealed.format import JoinedReader, open_stream, sealed_size, split_point
-from lib.sealed.publish import PublishError, detect_kind, pack_directory, publish_model
+from lib.sealed.publish import detect_kind, pack_directory, publish_model
 from lib.sealed.wire import ResourceManifest, UploadResponse
 
 

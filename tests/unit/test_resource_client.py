@@ -77,7 +77,8 @@ class FakeResourceApi:
             self.logins += 1
             token = f"token-{self.logins}"
             self.valid_tokens.add(token)
-            return _response(200, {"access_token": token, "token_type": "bearer", "expires_in": 60})
+            body = {"access_token": token, "token_type": "bearer", "expires_in": 60, "scope": "reader"}
+            return _response(200, body)
         if (headers or {}).get("Authorization", "").removeprefix("Bearer ") not in self.valid_tokens:
             return _error(401, "the token is invalid or has expired")
         return self._route(method, path, json)

@@ -12,13 +12,13 @@ import pydantic
 import pytest
 
 from lib.errors import ConfigurationError
+from lib.secrets import read_or_create_secret
 from lib.settings import (
     DEV_API_KEY_FILE,
     DEV_SECRET_FILE,
     ENV_VARS,
     AppSettings,
     Secrets,
-    read_or_create_secret,
 )
 
 GOOD_SECRET = "k" * 40
@@ -310,7 +310,7 @@ def test_read_or_create_secret_empty_file_is_an_error(
 ) -> None:
     path = tmp_path / "secret"
     path.write_text("")
-    monkeypatch.setattr("lib.settings.time.sleep", lambda _s: None)  # no real waiting
+    monkeypatch.setattr("lib.secrets.time.sleep", lambda _s: None)  # no real waiting
     with pytest.raises(ConfigurationError, match="empty"):
         read_or_create_secret(path)
 
