@@ -47,7 +47,7 @@ test-integration: install-test
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: install-test
-	$(VENV)/bin/ruff check deployments lib tests bench
+	$(VENV)/bin/ruff check deployments lib tests bench devservers
 	$(VENV)/bin/mypy
 
 bench: install-test

@@ -38,6 +38,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from bench.report import MB, write_report
 from bench.sealing import make_random_file
+from devservers.resource_api import ResourceApiServer, start_resource_api_server
+from devservers.s3 import S3Server, start_s3_server
 from lib.digest import sha256_file
 from lib.sealed.cdn import DEFAULT_PART_SIZE, CdnClient
 from lib.sealed.fingerprint import node_fingerprint
@@ -45,8 +47,6 @@ from lib.sealed.format import DEFAULT_SEGMENT_SIZE, JoinedReader, open_stream
 from lib.sealed.keywrap import NodeKeyPair
 from lib.sealed.publish import PublishResult, publish_model
 from lib.sealed.resource_client import ResourceClient
-from tests.resource_api_server import ResourceApiServer, start_resource_api_server
-from tests.s3_server import S3Server, start_s3_server
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer

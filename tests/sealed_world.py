@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devservers.resource_api import ResourceApiServer, start_resource_api_server
+from devservers.s3 import S3Server, start_s3_server
 from lib.retry import RetryPolicy
 from lib.sealed.cdn import CdnClient
 from lib.sealed.publish import PublishResult, publish_model
 from lib.sealed.resource_client import ResourceClient
-from tests.resource_api_server import ResourceApiServer, start_resource_api_server
-from tests.s3_server import S3Server, start_s3_server
 from tests.serve_harness import READER_EMAIL, READER_PASSWORD
 
 PUBLISHER_EMAIL = "publisher@sealserve.test"

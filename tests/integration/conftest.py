@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.s3_server import S3Server, start_s3_server
+from devservers.s3 import S3Server, start_s3_server
 
 
 @pytest.fixture(scope="module")

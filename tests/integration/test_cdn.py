@@ -13,11 +13,11 @@ import boto3
 import pytest
 from pydantic import SecretStr
 
+from devservers.s3 import S3Server, start_s3_server
 from lib.errors import IntegrityError, NotFoundError, UpstreamError
 from lib.retry import RetryPolicy
 from lib.sealed.cdn import CdnClient, MiB, range_header, split_ranges
 from lib.sealed.cdn_config import CdnConfig
-from tests.s3_server import S3Server, start_s3_server
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 

@@ -18,6 +18,14 @@ from typing import Any
 
 import pytest
 
+from devservers.resource_api import (
+    REPO_ROOT,
+    SEALSERVE_CLI,
+    RecordingSession,
+    ResourceApiServer,
+    start_resource_api_server,
+)
+from devservers.s3 import S3Server
 from lib.digest import sha256_file
 from lib.retry import RetryPolicy
 from lib.sealed.cdn import CdnClient
@@ -26,14 +34,6 @@ from lib.sealed.format import JoinedReader, open_stream
 from lib.sealed.keywrap import NodeKeyPair
 from lib.sealed.publish import PublishResult, pack_directory, publish_model
 from lib.sealed.resource_client import ResourceClient
-from tests.resource_api_server import (
-    REPO_ROOT,
-    SEALSERVE_CLI,
-    RecordingSession,
-    ResourceApiServer,
-    start_resource_api_server,
-)
-from tests.s3_server import S3Server
 
 BUCKET = "sealed-models"
 FOLDER = "models"

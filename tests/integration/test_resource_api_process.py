@@ -13,6 +13,12 @@ import pytest
 import requests
 from pydantic import SecretStr
 
+from devservers.resource_api import (
+    RecordingSession,
+    ResourceApiServer,
+    free_port,
+    start_resource_api_server,
+)
 from lib.errors import AuthenticationError, PermissionDeniedError, UpstreamError
 from lib.retry import RetryPolicy
 from lib.sealed.cdn_config import CdnConfig
@@ -20,12 +26,6 @@ from lib.sealed.fingerprint import node_fingerprint
 from lib.sealed.format import generate_key, open_stream, seal_stream, split_point
 from lib.sealed.keywrap import NodeKeyPair
 from lib.sealed.resource_client import ResourceClient
-from tests.resource_api_server import (
-    RecordingSession,
-    ResourceApiServer,
-    free_port,
-    start_resource_api_server,
-)
 
 TOKEN_TTL_S = 2
 PUBLISHER = ("publisher@example.com", "integration-publisher-pw")

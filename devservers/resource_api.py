@@ -1,4 +1,4 @@
-"""A real resource API for tests: ``sealserve resource-api serve`` run as a separate process.
+"""A real resource API for tests and benchmarks: ``sealserve resource-api serve`` run as a separate process.
 
 ``start_resource_api_server(workdir)`` picks a free loopback port, gives the process its own
 SQLite file and random secrets (production mode, so nothing is generated behind the test's back),

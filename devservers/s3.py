@@ -1,4 +1,4 @@
-"""A real S3-compatible server for tests: moto's standalone server, run as a separate process.
+"""A real S3-compatible server for tests and benchmarks: moto's standalone server, run as a separate process.
 
 ``start_s3_server()`` starts ``moto_server`` (from the venv that runs the tests) on a free port
 and puts a small counting reverse proxy in front of it, in this process. ``endpoint_url`` is the
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
 
+from devservers.resource_api import free_port
 from lib.sealed.cdn_config import CdnConfig
 
 START_DEADLINE_S = 20.0
@@ -133,12 +133,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers(port: int) -> bool:
@@ -252,7 +246,7 @@ def start_s3_server(deadline_s: float = START_DEADLINE_S) -> S3Server:
     failures: list[str] = []
     # The free port can be taken between probing and binding; a fresh port usually fixes that.
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         fd, log_name = tempfile.mkstemp(prefix="moto-server-", suffix=".log")
         os.close(fd)
         log_path = Path(log_name)
