@@ -140,12 +140,12 @@ class SlidingWindowLimiter:
             retry_after = 0.0 if allowed else max(0.0, hits[len(hits) - limit] + window_s - now)
             return RateDecision(allowed, limit, remaining, reset_after, retry_after)
 
-    def reset(self, key: str) -> None:
-        with self._lock:
-            self._logs.pop(key, None)
-
     def prune(self, now: float | None = None) -> int:
-        """Forget keys with no hit inside their window; returns how many were dropped."""
+        """Forget keys with no hit inside their window; returns how many were dropped.
+
+        Public API: ``hit`` prunes on its own every ``prune_interval_s``; a host that goes idle
+        for long may call this to free the memory sooner.
+        """
         if now is None:
             now = self._clock()
         with self._lock:

@@ -83,9 +83,6 @@ class KeyRecord:
     def rate_limit_spec(self) -> RateLimitSpec:
         return parse_rate_limit(self.rate_limit)
 
-    def has_scope(self, scope: Scope | str) -> bool:
-        return Scope(scope).value in self.scopes
-
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
@@ -119,10 +116,6 @@ class UsageRecord:
     def __post_init__(self) -> None:
         if self.timestamp.tzinfo is None:
             raise ValueError("UsageRecord.timestamp must be timezone-aware")
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status_code < 400
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def test_created_key_is_returned_once_and_found_by_lookup(store: AccountStore) -
     assert record.owner_email == "dev@example.com"
     assert record.created_at == T0
     assert store.lookup_key(created.key) == record
-    assert record.has_scope(Scope.INFER) and not record.has_scope("admin")
+    assert Scope.INFER.value in record.scopes and Scope.ADMIN.value not in record.scopes
 
 
 def test_only_the_hash_of_a_key_is_stored(store: AccountStore) -> None:

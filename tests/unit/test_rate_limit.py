@@ -137,7 +137,7 @@ def test_idle_keys_are_pruned_explicitly_and_on_the_prune_interval() -> None:
     assert len(limiter) == 2
     limiter.hit("long", 5, 1000, now=150.0)  # past the interval: this hit sweeps idle keys
     assert len(limiter) == 1
-    limiter.reset("long")
+    assert limiter.prune(now=2000.0) == 1  # past the long window too
     assert len(limiter) == 0
 
 
