@@ -121,13 +121,13 @@ def measure_sealed_fetch(
         fetched = node.get(FOLDER, NAME, NodeKeyPair.generate(), fingerprint)
         t1 = time.perf_counter()
         manifest = fetched.manifest
-        big_size = manifest["sealed_size"] - manifest["small_size"]
-        cdn.download_file(manifest["big_key"], big, expected_size=big_size)
+        big_size = manifest.sealed_size - manifest.small_size
+        cdn.download_file(manifest.big_key, big, expected_size=big_size)
         t2 = time.perf_counter()
         with big.open("rb") as big_part, plaintext.open("wb") as out:
             sink = _HashingFile(out)
             open_stream(JoinedReader([io.BytesIO(fetched.small_part), big_part]), sink, fetched.dek)
-        if sink.digest.hexdigest() != manifest["id"]:
+        if sink.digest.hexdigest() != manifest.id:
             raise SystemExit("the opened model does not hash to its id; figures discarded")
         t3 = time.perf_counter()
         big.unlink()

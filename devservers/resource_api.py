@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.wire import CdnConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_DEADLINE_S = 30.0

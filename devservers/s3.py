@@ -36,7 +36,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import SecretStr
 
 from devservers.resource_api import free_port
-from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.wire import CdnConfig
 
 START_DEADLINE_S = 20.0
 # Headers that describe one connection, not the message: never forwarded as they are.

@@ -1,4 +1,4 @@
-"""Streamed SHA-256 digests: a model's id is the sha256 of its plaintext file (DESIGN §3)."""
+"""Streamed SHA-256 digests: a model's id is the sha256 of its plaintext file (docs/sealed-format.md)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ secret or credential is one clear error instead of replicas failing one by one.
 
 from __future__ import annotations
 
-from lib.sealed.catalog import reader_credentials
+from lib.sealed.settings import reader_credentials
 from lib.settings import AppSettings, Secrets, accounts_database_url
 
 

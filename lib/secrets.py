@@ -10,6 +10,7 @@ import os
 import secrets as pysecrets
 import time
 from pathlib import Path
+from typing import Literal
 
 from lib.errors import ConfigurationError
 
@@ -18,6 +19,8 @@ PLACEHOLDER_SECRETS = frozenset(
     {"", "secret", "changeme", "change-me", "your-secure-secret-key", "dev", "development"}
 )
 MIN_SECRET_BYTES = 32
+# Development generates missing secrets and accepts placeholders; production refuses to start.
+Environment = Literal["development", "production"]
 
 
 def read_or_create_secret(path: Path) -> str:

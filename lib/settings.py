@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from sqlalchemy.engine import make_url
@@ -20,9 +20,8 @@ from sqlalchemy.exc import ArgumentError
 from lib.accounts.settings import AccountsSettings
 from lib.db import DATABASE_URL_ENV, resolve_database_url
 from lib.errors import ConfigurationError
-from lib.secrets import MIN_SECRET_BYTES, PLACEHOLDER_SECRETS, read_or_create_secret
-
-Environment = Literal["development", "production"]
+from lib.sealed.settings import SealedSettings
+from lib.secrets import MIN_SECRET_BYTES, PLACEHOLDER_SECRETS, Environment, read_or_create_secret
 
 # Field name -> environment variable consulted when the app args leave the field out.
 ENV_VARS: dict[str, str] = {
@@ -45,58 +44,6 @@ def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
-
-
-SHA256_HEX = r"^[0-9a-f]{64}$"
-# tmpfs: plaintext weights never reach a persistent disk. The cache refuses a directory here
-# that another user owns (see lib.sealed.node_cache.process_cache_dir).
-DEFAULT_MODEL_CACHE_DIR = "/dev/shm/sealserve"  # noqa: S108
-
-
-class SealedModelSpec(BaseModel):
-    """One sealed model to serve."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1, description="Resource name the model was published under.")
-    folder: str | None = Field(None, description="Resource folder; default: the sealed.folder.")
-    id: str | None = Field(
-        None, pattern=SHA256_HEX, description="Pin: refuse the model unless its id is this SHA-256."
-    )
-
-
-class SealedSettings(BaseModel):
-    """Where sealed models come from (``args.sealed``); reader credentials are secrets.
-
-    The reader's password is read from RESOURCE_API_PASSWORD by the loader process itself.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    resource_api_url: str = Field(description="Base URL of the resource API.")
-    folder: str = Field(min_length=1, description="Default resource folder of the models.")
-    models: list[SealedModelSpec] = Field(min_length=1, description="The sealed models to serve.")
-    email: str | None = Field(
-        None, description="Reader account; default: the RESOURCE_API_EMAIL environment variable."
-    )
-    cache_dir: str = Field(
-        default_factory=lambda: os.environ.get("MODEL_CACHE_DIR", DEFAULT_MODEL_CACHE_DIR),
-        description="Node-local tmpfs directory for decrypted models (MODEL_CACHE_DIR).",
-    )
-    cache_budget_bytes: int = Field(
-        16 * 1024**3, gt=0, description="Plaintext bytes the node cache keeps before evicting (LRU)."
-    )
-    download_workers: int = Field(4, ge=1, le=32, description="Parallel ranged GETs per download.")
-    part_size_mb: int = Field(8, ge=1, le=512, description="Size of one ranged GET, in MiB.")
-    retry_attempts: int = Field(4, ge=1, le=10, description="Attempts per network call (first included).")
-    timeout_s: float = Field(30.0, gt=0, description="Read timeout of each network call.")
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _names_as_specs(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
 
 
 class AppSettings(BaseModel):
@@ -149,7 +96,9 @@ class AppSettings(BaseModel):
         description="API keys, tokens, rate limits and usage recording (lib.accounts.settings).",
     )
     sealed: SealedSettings | None = Field(
-        None, description="Sealed models fetched through the resource API and S3 (none: local only)."
+        None,
+        description="Sealed models fetched through the resource API and S3 (none: local only; "
+        "lib.sealed.settings).",
     )
 
     _csv = field_validator("model_dirs", "cors_origins", mode="before")(_split_csv)

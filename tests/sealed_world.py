@@ -18,6 +18,7 @@ from typing import Any
 
 from devservers.resource_api import ResourceApiServer, start_resource_api_server
 from devservers.s3 import S3Server, start_s3_server
+from lib.cli.publish import detect_kind
 from lib.retry import RetryPolicy
 from lib.sealed.cdn import CdnClient
 from lib.sealed.publish import PublishResult, publish_model
@@ -54,7 +55,7 @@ class SealedWorld:
 
     def publish(self, path: Path, name: str) -> PublishResult:
         result = publish_model(
-            path, name=name, folder=FOLDER, resources=self.publisher(),
+            path, name=name, folder=FOLDER, kind=detect_kind(path), resources=self.publisher(),
             cdn=CdnClient(self.s3.config(BUCKET)), small_size_kb=SMALL_SIZE_KB,
         )
         self.published[name] = result

@@ -1,4 +1,8 @@
-"""``sealserve publish PATH --name NAME --folder FOLDER``: seal a model and publish it (DESIGN §3).
+"""``sealserve publish PATH --name NAME --folder FOLDER``: seal a model and publish it.
+
+See docs/sealed-models.md. The kind of model is recognised from its files unless ``--kind``
+gives it (``detect_kind``: recognition is :mod:`lib.models.files`, which the sealed package
+does not import).
 
 A publisher needs only resource API credentials: the S3 side comes from the CDN config the
 resource API releases (wrapped to a throwaway key pair of this process). ``--bucket`` (with
@@ -20,14 +24,15 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from lib.errors import BadRequestError
+from lib.errors import BadRequestError, PublishError
+from lib.models.files import recognise
 from lib.sealed.cdn import CdnClient
-from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.fingerprint import node_fingerprint
 from lib.sealed.format import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE
 from lib.sealed.keywrap import NodeKeyPair
-from lib.sealed.publish import DEFAULT_SMALL_SIZE_KB, KINDS, publish_model
+from lib.sealed.publish import DEFAULT_SMALL_SIZE_KB, KINDS, check_kind, publish_model
 from lib.sealed.resource_client import ResourceClient
+from lib.sealed.wire import CdnConfig
 
 URL_ENV = "RESOURCE_API_URL"
 EMAIL_ENV = "RESOURCE_API_EMAIL"
@@ -108,10 +113,34 @@ def _override_config(args: argparse.Namespace) -> CdnConfig | None:
         raise BadRequestError(f"invalid S3 settings: {where}: {first['msg']}") from None
 
 
+def _local_failure(path: Path, exc: OSError) -> BadRequestError:
+    return BadRequestError(f"publishing {path} failed: {exc.strerror or exc}")
+
+
+def detect_kind(path: Path, kind: str | None = None) -> str:
+    """``kind`` if given (checked against the known kinds), else what :func:`recognise` finds."""
+    if kind is not None:
+        return check_kind(kind)
+    if not path.exists():
+        raise PublishError(f"{path} does not exist")
+    recognition = recognise(path)
+    if recognition.kind is None:
+        raise PublishError(
+            f"{path} is not a recognised model ({recognition.error}); "
+            "give its kind (--kind) to publish it anyway"
+        )
+    return recognition.kind
+
+
 def _publish(args: argparse.Namespace) -> int:
     url = _required(args.resource_api, "--resource-api", URL_ENV)
     email = _required(args.email, "--email", EMAIL_ENV)
     override = _override_config(args)  # checked before any network call
+    try:
+        # resolve(): recognised as publish_model reads it (a link is published by its target).
+        kind = detect_kind(args.path.resolve(), args.kind)
+    except OSError as exc:
+        raise _local_failure(args.path, exc) from None
     resources = ResourceClient(url, email, _password())
     try:
         # The released config is wrapped to a key pair that lives only as long as this process.
@@ -119,12 +148,11 @@ def _publish(args: argparse.Namespace) -> int:
         cdn = CdnClient(config)
         try:
             result = publish_model(
-                args.path, name=args.name, folder=args.folder, resources=resources, cdn=cdn,
-                small_size_kb=args.small_size_kb, segment_size=args.segment_size, kind=args.kind,
-                work_dir=args.work_dir,
+                args.path, name=args.name, folder=args.folder, kind=kind, resources=resources, cdn=cdn,
+                small_size_kb=args.small_size_kb, segment_size=args.segment_size, work_dir=args.work_dir,
             )
         except OSError as exc:
-            raise BadRequestError(f"publishing {args.path} failed: {exc.strerror or exc}") from None
+            raise _local_failure(args.path, exc) from None
         finally:
             cdn.close()
     finally:

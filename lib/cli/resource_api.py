@@ -22,8 +22,8 @@ from lib.resource_api.passwords import PasswordHasher
 from lib.resource_api.service import ROLES, ResourceService, create_user
 from lib.resource_api.settings import ENV_VARS, ResourceApiSettings, describe_errors
 from lib.resource_api.store import ResourceStore
-from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.resource_client import is_loopback_host
+from lib.sealed.wire import CdnConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The resource API: the store of sealed models' small parts and data keys (DESIGN §3).
+"""The resource API: the store of sealed models' small parts and data keys (docs/sealed-models.md).
 
 A documented exception to "lib/ does not import FastAPI": the HTTP app lives in
 :mod:`lib.resource_api.app` so it runs both standalone (``sealserve resource-api serve``) and as a

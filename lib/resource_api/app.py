@@ -1,4 +1,4 @@
-"""The resource API as a FastAPI app: ``create_app(settings)`` (DESIGN §3, "Resource API").
+"""The resource API as a FastAPI app: ``create_app(settings)`` (docs/sealed-models.md).
 
 Routes only parse HTTP and call :class:`~lib.resource_api.service.ResourceService`. Every body is
 JSON (``application/json``, else 415); bytes are base64 (see :mod:`lib.sealed.wire`).
@@ -20,10 +20,10 @@ from lib.resource_api.service import ResourceCaller, ResourceService
 from lib.resource_api.settings import ResourceApiSettings
 from lib.resource_api.store import ResourceStore
 from lib.schemas import TokenResponse
-from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.wire import (
     FINGERPRINT_PATTERN,
     NAME_PATTERN,
+    CdnConfig,
     CdnResponse,
     FetchCountResponse,
     FetchKind,

@@ -28,11 +28,11 @@ from lib.resource_api.passwords import PasswordHasher, check_new_password
 from lib.resource_api.settings import ResourceApiSettings
 from lib.resource_api.store import NewResource, ResourceRecord, ResourceStore, UserRecord
 from lib.schemas import TokenResponse
-from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.keywrap import wrap_for_node
 from lib.sealed.wire import (
     EMAIL_PATTERN,
     FINGERPRINT_PATTERN,
+    CdnConfig,
     CdnResponse,
     FetchCountResponse,
     FetchKind,
@@ -41,7 +41,6 @@ from lib.sealed.wire import (
     ListResponse,
     LoginRequest,
     NodeKeyRequest,
-    ResourceManifest,
     Role,
     UploadRequest,
     UploadResponse,
@@ -159,10 +158,9 @@ class ResourceService:
         """
         _require_publisher(principal)
         aad = dek_aad(folder, request.name)
-        manifest = request.manifest.model_dump(mode="json")
 
         def is_unchanged(existing: ResourceRecord) -> bool:
-            if existing.manifest != manifest or existing.small_part != request.small_part:
+            if existing.manifest != request.manifest or existing.small_part != request.small_part:
                 return False
             try:
                 stored_dek = self._cipher.decrypt(existing.dek_encrypted, aad=aad)
@@ -175,7 +173,7 @@ class ResourceService:
                 folder=folder,
                 name=request.name,
                 model_id=request.manifest.id,
-                manifest=manifest,
+                manifest=request.manifest,
                 small_part=request.small_part,
                 dek_encrypted=self._cipher.encrypt(request.dek, aad=aad),
             ),
@@ -201,17 +199,10 @@ class ResourceService:
             "released DEK of %s/%s to user id %d, node %s",
             folder, request.name, principal.user_id, request.fingerprint[:16],
         )
-        return GetResponse(
-            manifest=ResourceManifest.model_validate(record.manifest),
-            small_part=record.small_part,
-            wrapped_key=wrapped,
-        )
+        return GetResponse(manifest=record.manifest, small_part=record.small_part, wrapped_key=wrapped)
 
     def list(self, principal: ResourceCaller, folder: str) -> ListResponse:
-        manifests = self.store.list_manifests(folder)
-        return ListResponse(
-            folder=folder, resources=[ResourceManifest.model_validate(m) for m in manifests]
-        )
+        return ListResponse(folder=folder, resources=self.store.list_manifests(folder))
 
     # -- CDN config ------------------------------------------------------------------------------
 

@@ -21,10 +21,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from lib.errors import ConfigurationError
-from lib.secrets import MIN_SECRET_BYTES, PLACEHOLDER_SECRETS, read_or_create_secret
-from lib.settings import Environment
+from lib.secrets import MIN_SECRET_BYTES, PLACEHOLDER_SECRETS, Environment, read_or_create_secret
 
 log = logging.getLogger(__name__)
+
+# The same two modes as the application's (lib/settings.py), which this server does not import:
+# it runs standalone, and shares only the protocol with the sealserve application.
 
 MASTER_KEY_ENV = "RESOURCE_MASTER_KEY"
 JWT_SECRET_ENV = "RESOURCE_JWT_SECRET"  # noqa: S105 - the variable's name, not a secret
@@ -113,7 +115,7 @@ class ResourceApiSettings(BaseModel):
         master_text = self.master_key.get_secret_value()
         raw = parse_master_key(master_text)
         secret = self.jwt_secret.get_secret_value()
-        if len(secret.encode("utf-8")) < MIN_SECRET_BYTES:
+        if len(self.jwt_secret_bytes()) < MIN_SECRET_BYTES:
             raise ValueError(f"{JWT_SECRET_ENV} must be at least {MIN_SECRET_BYTES} bytes")
         weak = [
             name

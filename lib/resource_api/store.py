@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -36,7 +35,7 @@ from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 from lib.clock import utc_now
 from lib.db import UtcBase, create_database_engine, database_errors, redact_url
 from lib.errors import ValidationFailedError
-from lib.sealed.wire import FetchKind, Role, UploadStatus
+from lib.sealed.wire import FetchKind, ResourceManifest, Role, UploadStatus
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ class ResourceRecord:
     folder: str
     name: str
     model_id: str
-    manifest: dict[str, Any]
+    manifest: ResourceManifest
     created_at: datetime
     updated_at: datetime
     small_part: bytes = field(repr=False)
@@ -127,12 +126,9 @@ class NewResource:
     folder: str
     name: str
     model_id: str
-    manifest: dict[str, Any]
+    manifest: ResourceManifest
     small_part: bytes = field(repr=False)
     dek_encrypted: bytes = field(repr=False)
-
-
-
 
 
 class ResourceStore:
@@ -203,7 +199,7 @@ class ResourceStore:
         self, new: NewResource, is_unchanged: Callable[[ResourceRecord], bool]
     ) -> UploadStatus:
         now = self._clock()
-        manifest_json = json.dumps(new.manifest, sort_keys=True)
+        manifest_json = _manifest_json(new.manifest)
         with database_errors(DATABASE, "store a resource"), self._sessions.begin() as session:
             row = session.scalar(
                 select(ResourceRow)
@@ -235,13 +231,13 @@ class ResourceStore:
             )
             return _resource_record(row) if row else None
 
-    def list_manifests(self, folder: str) -> list[dict[str, Any]]:
+    def list_manifests(self, folder: str) -> list[ResourceManifest]:
         # Only the manifest column: listing must not load small parts or sealed keys.
         with database_errors(DATABASE, "list resources"), self._sessions() as session:
             manifests = session.scalars(
                 select(ResourceRow.manifest).where(ResourceRow.folder == folder).order_by(ResourceRow.name)
             )
-            return [json.loads(manifest) for manifest in manifests]
+            return [ResourceManifest.model_validate_json(manifest) for manifest in manifests]
 
     # -- fetch log -------------------------------------------------------------------------------
 
@@ -307,9 +303,14 @@ def _resource_record(row: ResourceRow) -> ResourceRecord:
         folder=row.folder,
         name=row.name,
         model_id=row.model_id,
-        manifest=json.loads(row.manifest),
+        manifest=ResourceManifest.model_validate_json(row.manifest),
         created_at=row.created_at,
         updated_at=row.updated_at,
         small_part=row.small_part,
         dek_encrypted=row.dek_encrypted,
     )
+
+
+def _manifest_json(manifest: ResourceManifest) -> str:
+    # Sorted keys: the stored text of a manifest does not depend on the order a publisher sent.
+    return json.dumps(manifest.model_dump(mode="json"), sort_keys=True)

@@ -12,34 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lib.errors import ConfigurationError, ModelNotFoundError, ModelUnavailableError
+from lib.errors import ModelNotFoundError, ModelUnavailableError
 from lib.retry import RetryPolicy
 from lib.schemas import ModelInfo
-from lib.sealed.cdn import CdnClient, MiB
-from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.fetch import BigPartSource, ResourceSource, SealedFetcher, SealedRef
 from lib.sealed.fingerprint import node_fingerprint
-from lib.sealed.node_cache import (
-    ResourceSource,
-    SealedFetcher,
-    SealedModelCache,
-    SealedRef,
-    describe,
-    process_cache_dir,
-)
+from lib.sealed.node_cache import SealedModelCache, describe, process_cache_dir
 from lib.sealed.resource_client import ResourceClient
-from lib.sealed.wire import ResourceManifest
-from lib.settings import SealedSettings
+from lib.sealed.settings import SealedSettings, reader_credentials
+from lib.sealed.transfer import MiB
+from lib.sealed.wire import CdnConfig, ResourceManifest
 
 log = logging.getLogger(__name__)
 
-PASSWORD_ENV = "RESOURCE_API_PASSWORD"  # noqa: S105 - the name of the variable
-EMAIL_ENV = "RESOURCE_API_EMAIL"
 LISTING = "listing"
 MODEL_KINDS = ("text-to-image", "image-classification")
 
@@ -69,17 +59,6 @@ def _unlisted_entry(ref: SealedRef, error: str) -> ModelInfo:
     )
 
 
-def reader_credentials(settings: SealedSettings) -> tuple[str, str]:
-    """The reader's email and password, from the settings and this process's environment."""
-    email = settings.email or os.environ.get(EMAIL_ENV)
-    password = os.environ.get(PASSWORD_ENV)
-    if not email or not password:
-        raise ConfigurationError(
-            f"sealed models need reader credentials: set {EMAIL_ENV} (or sealed.email) and {PASSWORD_ENV}"
-        )
-    return email, password
-
-
 def resource_client_from_env(settings: SealedSettings) -> ResourceClient:
     email, password = reader_credentials(settings)
     return ResourceClient(
@@ -101,7 +80,7 @@ class SealedCatalog:
         owner: str,
         resources: ResourceSource | None = None,
         fingerprint: str | None = None,
-        cdn_factory: Callable[[CdnConfig], CdnClient] | None = None,
+        cdn_factory: Callable[[CdnConfig], BigPartSource] | None = None,
     ) -> None:
         self._settings = settings
         self._refs = [
@@ -121,7 +100,11 @@ class SealedCatalog:
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def _cdn_client(self, config: CdnConfig) -> CdnClient:
+    def _cdn_client(self, config: CdnConfig) -> BigPartSource:
+        # Imported on the first fetch: boto3 is heavy, and a process that serves no sealed
+        # model (an ingress, a loader that only lists) never needs it (tests/unit/test_layout.py).
+        from lib.sealed.cdn import CdnClient
+
         return CdnClient(
             config,
             read_timeout=self._settings.timeout_s,

@@ -2,7 +2,8 @@
 
 One client speaks to AWS S3, MinIO, R2 or a local test server: only ``CdnConfig.endpoint_url``
 differs. Downloads are parallel ranged GETs written at their offsets into a preallocated temp
-file next to the destination, then renamed, so a reader never sees a half-written file.
+file next to the destination, then renamed, so a reader never sees a half-written file (the
+mechanics are :mod:`lib.sealed.transfer`; this module speaks S3 and decides what to retry).
 
 Errors: a missing object or bucket is :class:`~lib.errors.NotFoundError`; any other remote
 failure, once the retries are spent, is :class:`~lib.errors.UpstreamError` naming the bucket, the
@@ -14,11 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,11 +27,20 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.response import StreamingBody
 
 from lib.errors import IntegrityError, NotFoundError, SealserveError, UpstreamError
 from lib.retry import RetryPolicy, call_with_retries
-from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.transfer import (
+    AbortedError,
+    MiB,
+    TransferError,
+    fetch_ranges,
+    range_header,
+    split_ranges,
+    stream_to_file,
+    write_atomically,
+)
+from lib.sealed.wire import CdnConfig
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -41,13 +49,10 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB
 # S3 rejects multipart parts under 5 MiB (but the last), whatever size the ranged downloads use.
 MIN_UPLOAD_PART_SIZE = 5 * MiB
 MAX_RANGE_SIZE = 256 * MiB
-# Bounded so a range is streamed to disk instead of held whole in memory.
-_STREAM_CHUNK = 1 * MiB
 
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
 # Codes that S3 and its look-alikes send with a non-5xx status but that still mean "try again".
@@ -56,34 +61,6 @@ _RETRYABLE_CODES = frozenset({
     "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException",
     "RequestLimitExceeded", "BandwidthLimitExceeded", "InternalError", "ServiceUnavailable",
 })
-
-
-class TransferError(Exception):
-    """The store answered, but not with the bytes it promised (short body, ignored Range)."""
-
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-class _AbortedError(Exception):
-    """Another range failed for good; the remaining ones stop early instead of finishing uselessly."""
-
-
-def split_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
-    """Inclusive ``(first, last)`` byte ranges covering ``[0, size)`` in order; none for ``size == 0``."""
-    if size < 0:
-        raise ValueError(f"size must be >= 0, got {size}")
-    if part_size < 1:
-        raise ValueError(f"part_size must be >= 1, got {part_size}")
-    return [(start, min(start + part_size, size) - 1) for start in range(0, size, part_size)]
-
-
-def range_header(first: int, last: int) -> str:
-    """The HTTP ``Range`` value for the inclusive byte range ``[first, last]``."""
-    if first < 0 or last < first:
-        raise ValueError(f"invalid byte range {first}-{last}")
-    return f"bytes={first}-{last}"
 
 
 def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -124,7 +101,10 @@ def _is_local(exc: BaseException) -> bool:
 class CdnClient:
     """Upload, inspect, download and delete objects in the bucket named by a :class:`CdnConfig`.
 
-    Thread-safe: the boto3 client is created once and shared by the download threads.
+    Thread-safe: the boto3 client is created once and shared by the download threads. Public API:
+    nodes use ``download_file``; publishing ``ensure_bucket``, ``upload_file`` and
+    ``object_size``; ``download_file_simple`` is the baseline of bench/sealed_fetch.py; ``exists``
+    and ``delete`` are for an operator's housekeeping (a failed publish may leave an orphan big part).
     """
 
     def __init__(
@@ -310,7 +290,7 @@ class CdnClient:
             raise IntegrityError(f"{self._where(key)} is {size} bytes, expected {expected_size}")
         ranges = split_ranges(size, self.range_size(size))
         with self._our_errors("GET", key):
-            written = self._write_atomically(dest, size, lambda fd: self._fetch_ranges(key, etag, ranges, fd))
+            written = write_atomically(dest, size, lambda fd: self._fetch_ranges(key, etag, ranges, fd))
         elapsed = time.monotonic() - started
         log.debug(
             "downloaded %s: %d bytes in %d ranges, %.2fs (%.1f MiB/s)",
@@ -320,39 +300,12 @@ class CdnClient:
 
     def download_file_simple(self, key: str, dest: Path) -> int:
         """Download ``key`` to ``dest`` with one plain streamed GET: the baseline for benchmarks."""
-        return self._write_atomically(
+        return write_atomically(
             dest, None, lambda fd: self._remote(lambda: self._fetch_whole(key, fd), "GET", key)
         )
 
-    def _write_atomically(self, dest: Path, size: int | None, fill: Callable[[int], int]) -> int:
-        """Let ``fill`` write a temp file beside ``dest``, check its byte count, rename it to ``dest``."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Same directory as dest, so the final rename is atomic (same filesystem).
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        tmp = Path(tmp_name)
-        try:
-            try:
-                if size is not None:
-                    # Preallocated so every range can land at its offset in any order.
-                    os.ftruncate(fd, size)
-                written = fill(fd)
-                if size is not None and written != size:
-                    raise TransferError(f"received {written} of {size} bytes", retryable=False)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return written
-
     def _fetch_ranges(self, key: str, etag: str | None, ranges: list[tuple[int, int]], fd: int) -> int:
-        if not ranges:
-            return 0
-        abort = threading.Event()
-
-        def fetch(first: int, last: int) -> int:
+        def fetch(first: int, last: int, abort: threading.Event) -> int:
             return call_with_retries(
                 lambda: self._fetch_range(key, etag, first, last, fd, abort),
                 policy=self._retry,
@@ -361,26 +314,13 @@ class CdnClient:
                 sleep=self._sleep,
             )
 
-        workers = min(self.max_workers, len(ranges))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cdn-range") as pool:
-            futures: list[Future[int]] = [pool.submit(fetch, first, last) for first, last in ranges]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            if any(f.done() and f.exception() is not None for f in futures):
-                abort.set()
-                for future in futures:
-                    future.cancel()
-            # Leaving the with-block waits for the ranges still running, so none writes after fd closes.
-        errors = [exc for f in futures if not f.cancelled() and (exc := f.exception()) is not None]
-        if errors:
-            # The aborted ranges only echo the real failure; report the one that caused it.
-            raise next((exc for exc in errors if not isinstance(exc, _AbortedError)), errors[0])
-        return sum(future.result() for future in futures)
+        return fetch_ranges(ranges, fetch, max_workers=self.max_workers)
 
     def _fetch_range(
         self, key: str, etag: str | None, first: int, last: int, fd: int, abort: threading.Event
     ) -> int:
         if abort.is_set():
-            raise _AbortedError()
+            raise AbortedError()
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Range": range_header(first, last)}
         if etag:
             params["IfMatch"] = etag
@@ -391,7 +331,7 @@ class CdnClient:
             # A server that ignores Range would send the whole object and overwrite other ranges.
             raise TransferError(f"asked for {expected} bytes, server announced "
                                 f"{response.get('ContentLength')}", retryable=False)
-        end = _stream_to_file(response["Body"], fd, first, abort)
+        end = stream_to_file(response["Body"], fd, first, abort)
         if end != last + 1:
             raise TransferError(f"short body: {end - first} of {expected} bytes")
         return expected
@@ -399,23 +339,8 @@ class CdnClient:
     def _fetch_whole(self, key: str, fd: int) -> int:
         os.ftruncate(fd, 0)  # a retry rewrites the file from the start
         response = self._client.get_object(Bucket=self.bucket, Key=key)
-        size = _stream_to_file(response["Body"], fd, 0, None)
+        size = stream_to_file(response["Body"], fd, 0, None)
         if size != response["ContentLength"]:
             raise TransferError(f"short body: {size} of {response['ContentLength']} bytes")
         return size
 
-
-def _stream_to_file(body: StreamingBody, fd: int, offset: int, abort: threading.Event | None) -> int:
-    """Write ``body`` into ``fd`` from ``offset`` on, chunk by chunk; return the offset after the end."""
-    try:
-        for chunk in body.iter_chunks(_STREAM_CHUNK):
-            if abort is not None and abort.is_set():
-                raise _AbortedError()
-            view = memoryview(chunk)
-            while view:  # pwrite may write less than asked (a signal, a nearly full disk)
-                written = os.pwrite(fd, view, offset)
-                view = view[written:]
-                offset += written
-    finally:
-        body.close()
-    return offset

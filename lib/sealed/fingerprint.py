@@ -1,9 +1,10 @@
-"""The node's hardware fingerprint, bound into every key the resource API releases (DESIGN §3).
+"""The node's hardware fingerprint, bound into every key the resource API releases.
 
-The fingerprint is an HMAC, keyed with an app-specific constant, over the machine-id, the hostname
-and the sorted GPU UUIDs. It identifies a node to the resource API (allow-lists, the fetch log)
-without ever sending the raw machine-id, which other software uses as a stable secret-ish handle.
-Every input can be injected so tests never depend on the machine they run on.
+The fingerprint (docs/sealed-format.md §7) is an HMAC, keyed with an app-specific constant, over
+the machine-id, the hostname and the sorted GPU UUIDs. It identifies a node to the resource API
+(allow-lists, the fetch log) without ever sending the raw machine-id, which other software uses as
+a stable secret-ish handle. Every input can be injected so tests never depend on the machine they
+run on.
 """
 
 from __future__ import annotations

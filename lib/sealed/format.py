@@ -1,7 +1,7 @@
 """The sealed model format, v1: streaming AES-256-GCM with a per-file HKDF key.
 
-The byte layout is specified in DESIGN.md §3 and ``docs/sealed-format.md``; this module is its
-only implementation. In short::
+The byte layout is specified in ``docs/sealed-format.md``; this module is its only
+implementation. In short::
 
     header   = b"SEALSRV1" | 0x01 | segment_size (u32 BE) | salt (32) | nonce_prefix (7)   # 52 bytes
     seg_key  = HKDF-SHA256(ikm=DEK, salt=salt, info=b"sealserve/v1" + header, length=32)
@@ -257,7 +257,7 @@ def open_file(src: Path, dst: Path, key: bytes) -> int:
 
 
 def split_point(sealed_size: int, small_size_kb: int) -> int:
-    """How many leading bytes of a sealed file form the small part (DESIGN §3 "Split")."""
+    """How many leading bytes of a sealed file form the small part (docs/sealed-format.md §6)."""
     if sealed_size < 0 or small_size_kb < 0:
         raise ValueError("sizes must not be negative")
     return min(small_size_kb * 1024, sealed_size * 20 // 100)

@@ -1,4 +1,4 @@
-"""Node key release (DESIGN §3): wrap a secret to one process on one machine.
+"""Node key release (docs/sealed-format.md §7): wrap a secret to one process on one machine.
 
 The loader of a node makes an ephemeral X25519 key pair per process and sends its public key and
 the node fingerprint. The resource API wraps a secret (a model's DEK, the CDN credentials) with:

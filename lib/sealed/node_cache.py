@@ -1,145 +1,28 @@
-"""Fetching sealed models onto a node and keeping their plaintext in a node-local cache.
+"""The node's plaintext cache of sealed models: each fetched **once per node**.
 
-``SealedFetcher`` does one fetch: key release and small part from the resource API, big part
-from S3, join, open (decrypt + verify every segment), check the plaintext SHA-256 against the
-model id, unpack a directory model. ``SealedModelCache`` makes that happen **once per node**:
-concurrent requests for one model share one fetch, later ones are cache hits, and the plaintext
-lives only under the cache directory (tmpfs by default), evicted LRU under a byte budget and
-removed with the cache.
-
-Plaintext is written to temporary names and renamed into place only after the whole file has
-verified and its digest matched, so a path handed out always holds verified bytes.
+Concurrent requests for one model share one fetch (:class:`~lib.sealed.fetch.SealedFetcher`),
+later ones are cache hits, and the plaintext lives only under the cache directory (tmpfs by
+default), evicted LRU under a byte budget and removed with the cache. ``process_cache_dir`` names
+that directory per process and sweeps those of dead processes.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from lib.digest import HashingIO
-from lib.errors import ConfigurationError, IntegrityError, SealserveError
-from lib.sealed.archive import unpack_archive
-from lib.sealed.cdn import CdnClient
-from lib.sealed.cdn_config import CdnConfig
-from lib.sealed.format import JoinedReader, open_stream
-from lib.sealed.keywrap import NodeKeyPair
-from lib.sealed.resource_client import FetchedResource
+from lib.errors import ConfigurationError, SealserveError
+from lib.sealed.fetch import SealedFetcher, SealedRef
 from lib.sealed.wire import ResourceManifest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SealedRef:
-    """A sealed model: where it is, and the id it must have (None: whatever is published)."""
-
-    folder: str
-    name: str
-    id: str | None = None
-
-    @property
-    def location(self) -> tuple[str, str]:
-        return (self.folder, self.name)
-
-    @property
-    def key(self) -> tuple[str, str, str | None]:
-        # The id is part of the key: a model republished under the same name is another entry.
-        return (self.folder, self.name, self.id)
-
-
-class ResourceSource(Protocol):
-    """The part of ``ResourceClient`` a node needs."""
-
-    def get(self, folder: str, name: str, keypair: NodeKeyPair, fingerprint: str) -> FetchedResource: ...
-
-    def list(self, folder: str) -> list[dict[str, Any]]: ...
-
-    def cdn_config(self, keypair: NodeKeyPair, fingerprint: str) -> CdnConfig: ...
-
-
-@dataclass(frozen=True)
-class FetchOutcome:
-    path: Path
-    manifest: ResourceManifest
-    downloaded_bytes: int
-    seconds: float
-
-
-class SealedFetcher:
-    """One node's way to the sealed stores: a per-process key pair and the node fingerprint."""
-
-    def __init__(
-        self,
-        resources: ResourceSource,
-        *,
-        fingerprint: str,
-        keypair: NodeKeyPair | None = None,
-        cdn_factory: Callable[[CdnConfig], CdnClient] = CdnClient,
-    ) -> None:
-        self._resources = resources
-        self._fingerprint = fingerprint
-        self._keypair = keypair or NodeKeyPair.generate()
-        self._cdn_factory = cdn_factory
-        self._cdn: CdnClient | None = None
-        self._cdn_lock = threading.Lock()
-
-    def list(self, folder: str) -> list[ResourceManifest]:
-        return [ResourceManifest.model_validate(m) for m in self._resources.list(folder)]
-
-    def _cdn_client(self) -> CdnClient:
-        with self._cdn_lock:
-            if self._cdn is None:
-                config = self._resources.cdn_config(self._keypair, self._fingerprint)
-                self._cdn = self._cdn_factory(config)
-            return self._cdn
-
-    def fetch(self, ref: SealedRef, root: Path) -> FetchOutcome:
-        """Fetch, verify and open ``ref`` into ``root``; returns the verified plaintext path."""
-        started = time.monotonic()
-        fetched = self._resources.get(ref.folder, ref.name, self._keypair, self._fingerprint)
-        manifest = ResourceManifest.model_validate(fetched.manifest)
-        if ref.id is not None and manifest.id != ref.id:
-            raise IntegrityError(
-                f"sealed model {ref.name} has id {manifest.id[:12]}, configuration pins {ref.id[:12]}"
-            )
-        if len(fetched.small_part) != manifest.small_size:
-            raise IntegrityError(f"small part of {ref.name} has the wrong size")
-        # Names carry the id and the resource name: the same bytes published under two names are
-        # two entries with two files, so evicting one never pulls the file from under the other.
-        stem = f"{manifest.id}.{ref.folder}.{ref.name}"
-        big, opened, unpacked = (root / f".{stem}.{part}.part" for part in ("big", "open", "dir"))
-        final = root / stem
-        try:
-            self._cdn_client().download_file(
-                manifest.big_key, big, expected_size=manifest.sealed_size - manifest.small_size
-            )
-            with big.open("rb") as big_part, opened.open("wb") as sink:
-                writer = HashingIO(sink)
-                open_stream(JoinedReader([io.BytesIO(fetched.small_part), big_part]), writer, fetched.dek)
-            big.unlink()
-            if writer.hexdigest() != manifest.id:
-                raise IntegrityError(f"plaintext of sealed model {ref.name} does not match its id")
-            if manifest.is_directory:
-                unpack_archive(opened, unpacked)
-                opened.unlink()
-                unpacked.rename(final)
-            else:
-                opened.rename(final)
-        finally:
-            for leftover in (big, opened):
-                leftover.unlink(missing_ok=True)
-            shutil.rmtree(unpacked, ignore_errors=True)
-        return FetchOutcome(final, manifest, manifest.sealed_size, time.monotonic() - started)
 
 
 @dataclass

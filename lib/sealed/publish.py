@@ -1,9 +1,9 @@
 """Publish a model sealed: seal it, put the big part on S3 and the small part and DEK on the resource API.
 
-DESIGN §3 ("Sealed model format (v1)", "Resource API"). A model file is published as it is; a
-model directory is first packed into a *deterministic* tar (``lib.sealed.archive``), so that
-the model id — the sha256 of the plaintext file — depends on the content only, not on file
-order, mtimes, owners or umask. Then::
+docs/sealed-format.md §6 ("Split between two stores") and docs/sealed-models.md. A model file is
+published as it is; a model directory is first packed into a *deterministic* tar
+(``lib.sealed.archive``), so that the model id — the sha256 of the plaintext file — depends on the
+content only, not on file order, mtimes, owners or umask. Then::
 
     DEK = generate_key()
     sealed = seal(plaintext, DEK)               # streamed: the small part stays in memory,
@@ -29,14 +29,12 @@ import builtins
 import logging
 import re
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol, get_args
+from typing import IO, TYPE_CHECKING, Protocol, get_args
 
 from lib.digest import HashingIO, sha256_file
 from lib.errors import IntegrityError, NotFoundError, PublishError
-from lib.models.files import recognise
 from lib.schemas import ModelKind
 from lib.sealed.archive import pack_directory
 from lib.sealed.format import (
@@ -47,7 +45,7 @@ from lib.sealed.format import (
     sealed_size,
     split_point,
 )
-from lib.sealed.wire import NAME_PATTERN, UploadResponse, UploadStatus
+from lib.sealed.wire import NAME_PATTERN, ResourceManifest, UploadResponse, UploadStatus
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -62,10 +60,10 @@ _CHUNK = 1 << 20
 class ResourceStore(Protocol):
     """The part of :class:`lib.sealed.resource_client.ResourceClient` publishing uses."""
 
-    def list(self, folder: str) -> builtins.list[dict[str, Any]]: ...
+    def list(self, folder: str) -> builtins.list[ResourceManifest]: ...
 
     def upload(
-        self, folder: str, name: str, small_part: bytes, manifest: dict[str, Any], dek: bytes
+        self, folder: str, name: str, small_part: bytes, manifest: ResourceManifest, dek: bytes
     ) -> UploadResponse: ...
 
 
@@ -93,22 +91,11 @@ class PublishResult:
     big_key: str
 
 
-# -- kind -----------------------------------------------------------------------------------------
-
-
-def detect_kind(path: Path, kind: str | None = None) -> str:
-    """``kind`` if given (checked against the known kinds), else what :func:`recognise` finds."""
-    if kind is not None:
-        if kind not in KINDS:
-            raise PublishError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
-        return kind
-    recognition = recognise(path)
-    if recognition.kind is None:
-        raise PublishError(
-            f"{path} is not a recognised model ({recognition.error}); "
-            "give its kind (--kind) to publish it anyway"
-        )
-    return recognition.kind
+def check_kind(kind: str) -> str:
+    """``kind`` if it is one of :data:`KINDS`, else :class:`PublishError`."""
+    if kind not in KINDS:
+        raise PublishError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return kind
 
 
 # -- sealing into two parts -----------------------------------------------------------------------
@@ -176,25 +163,25 @@ def _check_arguments(path: Path, name: str, folder: str, small_size_kb: int, seg
         raise PublishError(f"{path} is not a regular file or directory")
 
 
-def _find(manifests: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    return next((m for m in manifests if m.get("name") == name), None)
+def _find(manifests: list[ResourceManifest], name: str) -> ResourceManifest | None:
+    return next((m for m in manifests if m.name == name), None)
 
 
 def _is_current(
-    existing: Mapping[str, Any], *, model_id: str, kind: str, plaintext_size: int, segment_size: int,
+    existing: ResourceManifest, *, model_id: str, kind: str, plaintext_size: int, segment_size: int,
     small_size_kb: int, is_directory: bool, big_key: str,
 ) -> bool:
     """Whether ``existing`` is what publishing now would produce (bar the random DEK, salt, nonces)."""
     expected_sealed = sealed_size(plaintext_size, segment_size)
     return (
-        existing.get("id") == model_id
-        and existing.get("big_key") == big_key
-        and existing.get("kind") == kind
-        and existing.get("is_directory") == is_directory
-        and existing.get("segment_size") == segment_size
-        and existing.get("plaintext_size") == plaintext_size
-        and existing.get("sealed_size") == expected_sealed
-        and existing.get("small_size") == split_point(expected_sealed, small_size_kb)
+        existing.id == model_id
+        and existing.big_key == big_key
+        and existing.kind == kind
+        and existing.is_directory == is_directory
+        and existing.segment_size == segment_size
+        and existing.plaintext_size == plaintext_size
+        and existing.sealed_size == expected_sealed
+        and existing.small_size == split_point(expected_sealed, small_size_kb)
     )
 
 
@@ -210,24 +197,26 @@ def publish_model(
     *,
     name: str,
     folder: str,
+    kind: str,
     resources: ResourceStore,
     cdn: BigPartStore,
     small_size_kb: int = DEFAULT_SMALL_SIZE_KB,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
-    kind: str | None = None,
     work_dir: Path | None = None,
 ) -> PublishResult:
     """Seal the model at ``path`` and publish it as (folder, name); see the module docstring.
 
-    ``resources`` is a :class:`~lib.sealed.resource_client.ResourceClient` logged in as a publisher,
-    ``cdn`` a :class:`~lib.sealed.cdn.CdnClient` for the bucket nodes download from. Network failures
-    surface as the clients' errors (after their bounded retries); nothing partial is left that a
-    node could mistake for a published model.
+    ``kind`` is one of :data:`KINDS`; ``sealserve publish`` recognises it from the model's files
+    unless told (``detect_kind`` in lib/cli/publish.py). ``resources`` is a
+    :class:`~lib.sealed.resource_client.ResourceClient` logged in as a publisher, ``cdn`` a
+    :class:`~lib.sealed.cdn.CdnClient` for the bucket nodes download from. Network failures surface
+    as the clients' errors (after their bounded retries); nothing partial is left that a node could
+    mistake for a published model.
     """
     # resolve(): a model given as a link (a Hugging Face snapshot file) is published by content.
     path = Path(path).resolve()
     _check_arguments(path, name, folder, small_size_kb, segment_size)
-    model_kind = detect_kind(path, kind)
+    model_kind = check_kind(kind)
     is_directory = path.is_dir()
     # First, before any long packing or hashing: wrong credentials or an unreachable API fail fast.
     existing = _find(resources.list(folder), name)
@@ -250,13 +239,13 @@ def publish_model(
             existing, model_id=model_id, kind=model_kind, plaintext_size=plaintext_size,
             segment_size=segment_size, small_size_kb=small_size_kb, is_directory=is_directory,
             big_key=big_key,
-        ) and _big_part_intact(cdn, big_key, existing["sealed_size"] - existing["small_size"]):
+        ) and _big_part_intact(cdn, big_key, existing.sealed_size - existing.small_size):
             log.info("%s/%s is already published with id %s; nothing to do", folder, name, model_id)
             return PublishResult(
                 id=model_id, name=name, folder=folder, status="unchanged", plaintext_size=plaintext_size,
-                sealed_size=existing["sealed_size"], small_size=existing["small_size"], big_key=big_key,
+                sealed_size=existing.sealed_size, small_size=existing.small_size, big_key=big_key,
             )
-        if existing is not None and existing.get("id") == model_id:
+        if existing is not None and existing.id == model_id:
             # Same content, other parameters or a missing big part: the same key is rewritten, so
             # a node fetching between the two uploads gets an IntegrityError, never wrong weights.
             log.warning("re-sealing %s/%s (id %s): the published copy differs or is incomplete",
@@ -281,11 +270,10 @@ def publish_model(
             raise IntegrityError(f"s3://{cdn.bucket}/{big_key} holds {landed} bytes after upload, "
                                  f"expected {big_size}")
 
-        manifest: dict[str, Any] = {
-            "id": model_id, "name": name, "kind": model_kind, "plaintext_size": plaintext_size,
-            "sealed_size": total, "small_size": len(small), "big_key": big_key,
-            "segment_size": segment_size, "is_directory": is_directory,
-        }
+        manifest = ResourceManifest(
+            id=model_id, name=name, kind=model_kind, plaintext_size=plaintext_size, sealed_size=total,
+            small_size=len(small), big_key=big_key, segment_size=segment_size, is_directory=is_directory,
+        )
         response = resources.upload(folder, name, small, manifest, dek)
         log.info("published %s/%s: %s (id %s)", folder, name, response.status, model_id)
         return PublishResult(

@@ -1,4 +1,4 @@
-"""The client of the resource API (DESIGN §3), used by ``sealserve publish`` and the ModelLoader.
+"""The client of the resource API (docs/sealed-models.md), used by ``sealserve publish`` and the ModelLoader.
 
 It logs in on first use and again on a 401 only, once per attempt: a 401 means the token expired
 or the server rotated its secret, while a 403 is a denial that another login cannot change
@@ -32,10 +32,10 @@ from lib.errors import (
 )
 from lib.retry import RetryPolicy, call_with_retries
 from lib.schemas import TokenResponse
-from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.keywrap import NodeKeyPair
 from lib.sealed.wire import (
     DEK_BYTES,
+    CdnConfig,
     CdnResponse,
     FetchCountResponse,
     FetchKind,
@@ -43,6 +43,7 @@ from lib.sealed.wire import (
     GetResponse,
     ListResponse,
     NodeKeyRequest,
+    ResourceManifest,
     UploadRequest,
     UploadResponse,
 )
@@ -59,7 +60,7 @@ DEFAULT_RETRY = RetryPolicy()
 class FetchedResource:
     """A resource as a node receives it: the DEK is unwrapped and never shown in a repr."""
 
-    manifest: dict[str, Any]
+    manifest: ResourceManifest
     small_part: bytes = field(repr=False)
     dek: bytes = field(repr=False)
 
@@ -82,7 +83,13 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 class ResourceClient:
-    """A logged-in session with the resource API at ``base_url``; safe to share between threads."""
+    """A logged-in session with the resource API at ``base_url``; safe to share between threads.
+
+    Public API, one method per route: nodes use ``get``, ``list`` and ``cdn_config``; publishing
+    uses ``list``, ``upload`` and ``cdn_config``; ``set_cdn_config`` (``PUT /cdn``) and
+    ``fetch_count`` (``GET /stats/fetches``, the audit of key releases) are there for a
+    publisher's own scripts.
+    """
 
     def __init__(
         self,
@@ -122,7 +129,7 @@ class ResourceClient:
     # -- API -------------------------------------------------------------------------------------
 
     def upload(
-        self, folder: str, name: str, small_part: bytes, manifest: dict[str, Any], dek: bytes
+        self, folder: str, name: str, small_part: bytes, manifest: ResourceManifest, dek: bytes
     ) -> UploadResponse:
         """Store the small part, manifest and DEK of (folder, name); see ``UploadResponse.status``."""
         body = _validated(
@@ -143,15 +150,12 @@ class ResourceClient:
             raise IntegrityError(f"the data key of {folder}/{name} has the wrong length")
         if len(response.small_part) != response.manifest.small_size or response.manifest.name != name:
             raise IntegrityError(f"the small part of {folder}/{name} does not match its manifest")
-        return FetchedResource(
-            manifest=response.manifest.model_dump(mode="json"), small_part=response.small_part, dek=dek
-        )
+        return FetchedResource(manifest=response.manifest, small_part=response.small_part, dek=dek)
 
-    def list(self, folder: str) -> builtins.list[dict[str, Any]]:
+    def list(self, folder: str) -> builtins.list[ResourceManifest]:
         """The manifests in ``folder`` (no keys, no small parts)."""
         path = f"/resources/{_segment(folder)}"
-        listing = _parse(ListResponse, self._request("GET", path), f"GET {path}")
-        return [manifest.model_dump(mode="json") for manifest in listing.resources]
+        return _parse(ListResponse, self._request("GET", path), f"GET {path}").resources
 
     def cdn_config(self, keypair: NodeKeyPair, fingerprint: str) -> CdnConfig:
         body = _validated(NodeKeyRequest, {"public_key": keypair.public_bytes(), "fingerprint": fingerprint})
@@ -182,27 +186,17 @@ class ResourceClient:
         data = self._request("GET", "/stats/fetches", params=params)
         return _parse(FetchCountResponse, data, "GET /stats/fetches").count
 
-    def health(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._request("GET", "/health", authenticated=False)
-        return result
-
     # -- transport -------------------------------------------------------------------------------
 
     def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json_body: Any = None,
-        params: dict[str, str] | None = None,
-        authenticated: bool = True,
+        self, method: str, path: str, *, json_body: Any = None, params: dict[str, str] | None = None
     ) -> Any:
         what = f"resource API {method} {path}"
 
         def attempt() -> requests.Response:
-            token = self._current_token() if authenticated else None
+            token = self._current_token()
             response = self._send(method, path, json_body, params, token)
-            if authenticated and response.status_code == 401:
+            if response.status_code == 401:
                 self._login(stale=token)
                 response = self._send(method, path, json_body, params, self._token)
             if response.status_code >= 500:

@@ -16,8 +16,9 @@ from pydantic import SecretStr
 from devservers.s3 import S3Server, start_s3_server
 from lib.errors import IntegrityError, NotFoundError, UpstreamError
 from lib.retry import RetryPolicy
-from lib.sealed.cdn import CdnClient, MiB, range_header, split_ranges
-from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.cdn import CdnClient
+from lib.sealed.transfer import MiB, range_header, split_ranges
+from lib.sealed.wire import CdnConfig
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 

@@ -26,13 +26,15 @@ from devservers.resource_api import (
     start_resource_api_server,
 )
 from devservers.s3 import S3Server
+from lib.cli.publish import detect_kind
 from lib.digest import sha256_file
 from lib.retry import RetryPolicy
+from lib.sealed.archive import pack_directory
 from lib.sealed.cdn import CdnClient
 from lib.sealed.fingerprint import node_fingerprint
 from lib.sealed.format import JoinedReader, open_stream
 from lib.sealed.keywrap import NodeKeyPair
-from lib.sealed.publish import PublishResult, pack_directory, publish_model
+from lib.sealed.publish import PublishResult, publish_model
 from lib.sealed.resource_client import ResourceClient
 
 BUCKET = "sealed-models"
@@ -70,8 +72,8 @@ def _publish(server: ResourceApiServer, s3: S3Server, path: Path, name: str, wor
              session: RecordingSession | None = None, **kwargs: Any) -> PublishResult:
     cdn = CdnClient(s3.config(BUCKET), retry_policy=FAST_RETRY)
     try:
-        return publish_model(path, name=name, folder=FOLDER, resources=_client(server, PUBLISHER, session),
-                             cdn=cdn, work_dir=work, **kwargs)
+        return publish_model(path, name=name, folder=FOLDER, kind=detect_kind(path),
+                             resources=_client(server, PUBLISHER, session), cdn=cdn, work_dir=work, **kwargs)
     finally:
         cdn.close()
 
@@ -81,7 +83,7 @@ def _fetch_as_node(server: ResourceApiServer, name: str, dest: Path) -> tuple[di
     keypair = NodeKeyPair.generate()
     reader = _client(server, READER)
     fetched = reader.get(FOLDER, name, keypair, NODE)
-    manifest = fetched.manifest
+    manifest = fetched.manifest.model_dump()
     cdn = CdnClient(reader.cdn_config(keypair, NODE), part_size=1 << 20, retry_policy=FAST_RETRY)
     dest.mkdir(parents=True, exist_ok=True)
     big, plaintext = dest / "big", dest / "plaintext"
@@ -114,7 +116,7 @@ def test_publish_a_directory_fetch_it_as_a_node_and_republish_unchanged(
     assert (result.status, result.id, result.plaintext_size) == ("created", expected_id, tar_size)
     assert result.small_size == 64 * 1024 and result.big_key == f"{FOLDER}/tiny-sd/{expected_id}.big"
 
-    listed = {m["name"]: m for m in _client(resource_api, READER).list(FOLDER)}
+    listed = {m.name: m.model_dump() for m in _client(resource_api, READER).list(FOLDER)}
     assert listed["tiny-sd"] == {
         "id": expected_id, "name": "tiny-sd", "kind": "text-to-image", "plaintext_size": tar_size,
         "sealed_size": result.sealed_size, "small_size": result.small_size, "big_key": result.big_key,
@@ -189,7 +191,7 @@ def test_changed_content_under_the_same_name_is_replaced_with_a_new_id(
     second = _publish(resource_api, s3_server, source, "classifier", tmp_path / "work")
     assert second.status == "replaced" and second.id != first.id
     assert second.big_key == f"{FOLDER}/classifier/{second.id}.big" != first.big_key
-    listed = [m for m in _client(resource_api, READER).list(FOLDER) if m["name"] == "classifier"]
+    listed = [m.model_dump() for m in _client(resource_api, READER).list(FOLDER) if m.name == "classifier"]
     assert [m["id"] for m in listed] == [second.id]
     manifest, plaintext = _fetch_as_node(resource_api, "classifier", tmp_path / "node")
     assert manifest["kind"] == "image-classification"

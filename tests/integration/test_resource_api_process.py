@@ -21,11 +21,11 @@ from devservers.resource_api import (
 )
 from lib.errors import AuthenticationError, PermissionDeniedError, UpstreamError
 from lib.retry import RetryPolicy
-from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.fingerprint import node_fingerprint
 from lib.sealed.format import generate_key, open_stream, seal_stream, split_point
 from lib.sealed.keywrap import NodeKeyPair
 from lib.sealed.resource_client import ResourceClient
+from lib.sealed.wire import CdnConfig, ResourceManifest
 
 TOKEN_TTL_S = 2
 PUBLISHER = ("publisher@example.com", "integration-publisher-pw")
@@ -66,9 +66,11 @@ def _publish(server: ResourceApiServer, name: str, plaintext: bytes) -> tuple[by
     seal_stream(io.BytesIO(plaintext), sealed, dek, segment_size=4096)
     blob = sealed.getvalue()
     cut = split_point(len(blob), 1)
-    manifest = {"id": hashlib.sha256(plaintext).hexdigest(), "name": name, "kind": "image-classification",
-                "plaintext_size": len(plaintext), "sealed_size": len(blob), "small_size": cut,
-                "big_key": f"models/{name}.big", "segment_size": 4096, "is_directory": False}
+    manifest = ResourceManifest(
+        id=hashlib.sha256(plaintext).hexdigest(), name=name, kind="image-classification",
+        plaintext_size=len(plaintext), sealed_size=len(blob), small_size=cut,
+        big_key=f"models/{name}.big", segment_size=4096, is_directory=False,
+    )
     result = _client(server, PUBLISHER).upload("models", name, blob[:cut], manifest, dek)
     assert result.status in ("created", "unchanged")
     return dek, blob[cut:]
@@ -86,7 +88,7 @@ def test_publish_fetch_and_open_through_the_real_server(server: ResourceApiServe
     open_stream(io.BytesIO(fetched.small_part + big), opened, fetched.dek)
     assert opened.getvalue() == plaintext
     assert publisher.fetch_count(folder="models", name="round-trip", kind="dek") == before + 1
-    assert "round-trip" in [m["name"] for m in _client(server, READER).list("models")]
+    assert "round-trip" in [m.name for m in _client(server, READER).list("models")]
 
 
 def test_cdn_config_set_by_cli_and_client(server: ResourceApiServer) -> None:
@@ -108,7 +110,7 @@ def test_relogin_after_token_expiry_happens_on_401(server: ResourceApiServer) ->
     assert session.calls == [("POST", "/login", 200), ("POST", "/resources/get/models", 200)]
     time.sleep(TOKEN_TTL_S + 1.1)  # exp = iat + TTL with iat floored to the second; no leeway
     session.calls.clear()
-    assert client.get("models", "expiry", keypair, FP_A).manifest["name"] == "expiry"
+    assert client.get("models", "expiry", keypair, FP_A).manifest.name == "expiry"
     assert session.calls == [
         ("POST", "/resources/get/models", 401),
         ("POST", "/login", 200),
@@ -126,7 +128,7 @@ def test_403_is_a_denial_and_not_retried(server: ResourceApiServer) -> None:
         pinned.get("models", "pinned", NodeKeyPair.generate(), FP_B)
     assert session.calls == [("POST", "/login", 200), ("POST", "/resources/get/models", 403)]
     assert publisher.fetch_count(name="pinned") == before, "a denied request releases nothing"
-    assert pinned.get("models", "pinned", NodeKeyPair.generate(), FP_A).manifest["name"] == "pinned"
+    assert pinned.get("models", "pinned", NodeKeyPair.generate(), FP_A).manifest.name == "pinned"
     assert publisher.fetch_count(name="pinned") == before + 1
     assert publisher.fetch_count(name="pinned", fingerprint=FP_B) == 0
     assert publisher.fetch_count(name="pinned", kind="dek", fingerprint=FP_A) >= 1

@@ -21,8 +21,9 @@ from pydantic import SecretStr
 
 from lib.errors import NotFoundError, UpstreamError
 from lib.retry import RetryPolicy
-from lib.sealed.cdn import CdnClient, MiB, TransferError, is_retryable, range_header, split_ranges
-from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.cdn import CdnClient, is_retryable
+from lib.sealed.transfer import MiB, TransferError, range_header, split_ranges
+from lib.sealed.wire import CdnConfig
 
 SECRET = "unit-secret-value"
 

@@ -17,30 +17,35 @@ import pytest
 import lib.cli
 import lib.sealed.publish
 from lib.cli import main
+from lib.cli.publish import detect_kind
 from lib.errors import NotFoundError, PublishError, UpstreamError
+from lib.sealed.archive import pack_directory
 from lib.sealed.format import JoinedReader, open_stream, sealed_size, split_point
-from lib.sealed.publish import detect_kind, pack_directory, publish_model
+from lib.sealed.publish import publish_model
 from lib.sealed.wire import ResourceManifest, UploadResponse
 
 
 class FakeResources:
-    """The resource API as a dict; records every call in ``calls`` (which may be shared)."""
+    """The resource API as a dict; records every call in ``calls`` (which may be shared).
+
+    Manifests are stored as the JSON the real client would send, so tests compare plain dicts.
+    """
 
     def __init__(self, calls: list[str] | None = None) -> None:
         self.stored: dict[tuple[str, str], tuple[dict[str, Any], bytes, bytes]] = {}
         self.calls: list[str] = [] if calls is None else calls
 
-    def list(self, folder: str) -> list[dict[str, Any]]:
+    def list(self, folder: str) -> list[ResourceManifest]:
         self.calls.append("resources.list")
-        return [m for (f, _), (m, _, _) in self.stored.items() if f == folder]
+        stored = [m for (f, _), (m, _, _) in self.stored.items() if f == folder]
+        return [ResourceManifest.model_validate(m) for m in stored]
 
-    def upload(self, folder: str, name: str, small: bytes, manifest: dict[str, Any], dek: bytes
+    def upload(self, folder: str, name: str, small: bytes, manifest: ResourceManifest, dek: bytes
                ) -> UploadResponse:
         self.calls.append("resources.upload")
-        ResourceManifest.model_validate(manifest)  # what the real client would send must be valid
         status = "replaced" if (folder, name) in self.stored else "created"
-        self.stored[(folder, name)] = (manifest, small, dek)
-        return UploadResponse(folder=folder, name=name, id=manifest["id"], status=status)
+        self.stored[(folder, name)] = (manifest.model_dump(mode="json"), small, dek)
+        return UploadResponse(folder=folder, name=name, id=manifest.id, status=status)
 
 
 class FakeCdn:
@@ -182,10 +187,11 @@ def _reopen(resources: FakeResources, cdn: FakeCdn, folder: str, name: str) -> b
 
 def test_publish_a_file_big_part_first_then_unchanged(tmp_path: Path) -> None:
     model = _safetensors(tmp_path / "sd.safetensors", ["model.diffusion_model.w"], values=12_500)
+    kind = detect_kind(model)
     calls: list[str] = []
     resources, cdn, work = FakeResources(calls), FakeCdn(calls), tmp_path / "work"
     result = publish_model(model, name="sd", folder="models", resources=resources, cdn=cdn,
-                           small_size_kb=4, segment_size=4096, work_dir=work)
+                           kind=kind, small_size_kb=4, segment_size=4096, work_dir=work)
     model_id = hashlib.sha256(model.read_bytes()).hexdigest()
     total = sealed_size(model.stat().st_size, 4096)
     assert (result.status, result.id, result.sealed_size) == ("created", model_id, total)
@@ -204,16 +210,16 @@ def test_publish_a_file_big_part_first_then_unchanged(tmp_path: Path) -> None:
 
     calls.clear()
     again = publish_model(model, name="sd", folder="models", resources=resources, cdn=cdn,
-                          small_size_kb=4, segment_size=4096, work_dir=work)
+                          kind=kind, small_size_kb=4, segment_size=4096, work_dir=work)
     assert again == dataclasses.replace(result, status="unchanged")
     assert calls == ["resources.list", "cdn.object_size"], "no seal, no upload"
 
     # Other parameters, or a big part gone from S3, mean a fresh seal of the same content.
     assert publish_model(model, name="sd", folder="models", resources=resources, cdn=cdn,
-                         small_size_kb=8, segment_size=4096, work_dir=work).status == "replaced"
+                         kind=kind, small_size_kb=8, segment_size=4096, work_dir=work).status == "replaced"
     del cdn.objects[result.big_key]
     assert publish_model(model, name="sd", folder="models", resources=resources, cdn=cdn,
-                         small_size_kb=8, segment_size=4096, work_dir=work).status == "replaced"
+                         kind=kind, small_size_kb=8, segment_size=4096, work_dir=work).status == "replaced"
     assert _reopen(resources, cdn, "models", "sd") == model.read_bytes()
 
 
@@ -221,7 +227,7 @@ def test_a_directory_is_published_as_its_tar_and_changed_content_replaces(tmp_pa
     src = write_tree(tmp_path / "sd", TREE)
     resources, cdn = FakeResources(), FakeCdn()
     first = publish_model(src, name="tiny-sd", folder="models", resources=resources, cdn=cdn,
-                          work_dir=tmp_path / "work")
+                          kind=detect_kind(src), work_dir=tmp_path / "work")
     tar_id, tar_size = pack_directory(src, tmp_path / "ref.tar")
     assert (first.status, first.id, first.plaintext_size) == ("created", tar_id, tar_size)
     assert resources.stored[("models", "tiny-sd")][0]["is_directory"] is True
@@ -229,7 +235,7 @@ def test_a_directory_is_published_as_its_tar_and_changed_content_replaces(tmp_pa
 
     (src / "vae" / "config.json").write_bytes(b'{"a": 3}')
     second = publish_model(src, name="tiny-sd", folder="models", resources=resources, cdn=cdn,
-                           work_dir=tmp_path / "work")
+                           kind=detect_kind(src), work_dir=tmp_path / "work")
     assert second.status == "replaced" and second.id != first.id
     assert first.big_key in cdn.objects, "the old big part stays for nodes still downloading it"
     assert list((tmp_path / "work").iterdir()) == []
@@ -241,7 +247,7 @@ def test_a_failed_big_part_upload_leaves_no_manifest_and_no_temp_files(tmp_path:
     cdn.fail_upload = True
     with pytest.raises(UpstreamError):
         publish_model(src, name="tiny-sd", folder="models", resources=resources, cdn=cdn,
-                      work_dir=tmp_path / "work")
+                      kind=detect_kind(src), work_dir=tmp_path / "work")
     assert resources.calls == ["resources.list"] and resources.stored == {}
     assert list((tmp_path / "work").iterdir()) == []
 
@@ -254,7 +260,7 @@ def test_content_that_changes_between_hashing_and_sealing_is_refused(
     resources, cdn = FakeResources(), FakeCdn()
     with pytest.raises(PublishError, match="changed while it was being published"):
         publish_model(model, name="sd", folder="models", resources=resources, cdn=cdn,
-                      work_dir=tmp_path / "w")
+                      kind=detect_kind(model), work_dir=tmp_path / "w")
     assert cdn.objects == {} and resources.stored == {}
 
 
@@ -269,7 +275,7 @@ def test_bad_arguments_are_refused_before_any_call(
 ) -> None:
     src = write_tree(tmp_path / "sd", TREE)
     resources, cdn = FakeResources(), FakeCdn()
-    arguments: dict[str, Any] = {"name": "tiny-sd", "folder": "models", **kwargs}
+    arguments: dict[str, Any] = {"name": "tiny-sd", "folder": "models", "kind": "text-to-image", **kwargs}
     with pytest.raises(PublishError, match=message):
         publish_model(src, resources=resources, cdn=cdn, **arguments)
     assert resources.calls == [] and cdn.calls == []

@@ -293,7 +293,7 @@ def test_cdn_config_round_trip_and_encrypted_at_rest(client: TestClient, tmp_pat
     assert client.put("/cdn", json=config, headers=publisher).status_code == 200
     response = client.post("/cdn", json=request, headers=reader)
     wrapped = WrappedSecret.model_validate(response.json()["wrapped_config"])
-    from lib.sealed.cdn_config import CdnConfig
+    from lib.sealed.wire import CdnConfig
 
     released = CdnConfig.from_plaintext_json(keypair.unwrap(wrapped, FP_A, context="cdn"))
     assert released.secret_access_key.get_secret_value() == secret and released.bucket == "models"

@@ -15,8 +15,8 @@ from lib.cli.resource_api import register
 from lib.errors import BadRequestError, ConfigurationError, ValidationFailedError
 from lib.resource_api.app import create_app
 from lib.resource_api.settings import ResourceApiSettings
-from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.keywrap import NodeKeyPair, WrappedSecret
+from lib.sealed.wire import CdnConfig
 
 FP = "f" * 64
 

@@ -25,16 +25,16 @@ from lib.errors import (
     ValidationFailedError,
 )
 from lib.retry import RetryPolicy
-from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.keywrap import NodeKeyPair, b64decode, b64encode, wrap_for_node
 from lib.sealed.resource_client import ResourceClient
+from lib.sealed.wire import CdnConfig, ResourceManifest
 
 PASSWORD = "client-password-123"
 FP = "c" * 64
 DEK = os.urandom(32)
-MANIFEST = {"id": "d" * 64, "name": "model", "kind": "image-classification", "plaintext_size": 100,
-            "sealed_size": 200, "small_size": 4, "big_key": "m/model.big", "segment_size": 65536,
-            "is_directory": False}
+MANIFEST = ResourceManifest(id="d" * 64, name="model", kind="image-classification", plaintext_size=100,
+                            sealed_size=200, small_size=4, big_key="m/model.big", segment_size=65536,
+                            is_directory=False)
 
 
 def _response(status: int, body: Any) -> requests.Response:
@@ -87,14 +87,14 @@ class FakeResourceApi:
         if (method, path) == ("GET", "/stats/fetches"):
             return _response(200, {"count": 7})
         if (method, path) == ("GET", "/resources/models"):
-            return _response(200, {"folder": "models", "resources": [MANIFEST]})
+            return _response(200, {"folder": "models", "resources": [MANIFEST.model_dump(mode="json")]})
         if (method, path) == ("POST", "/resources/get/models"):
             if body["name"] != "model":
                 return _error(404, "no resource 'other' in folder 'models'")
             wrapped = wrap_for_node(DEK, b64decode(body["public_key"]),
                                     self.wrap_fingerprint or body["fingerprint"], context="dek")
-            return _response(200, {"manifest": MANIFEST, "small_part": b64encode(b"abcd"),
-                                   "wrapped_key": wrapped.model_dump()})
+            return _response(200, {"manifest": MANIFEST.model_dump(mode="json"),
+                                   "small_part": b64encode(b"abcd"), "wrapped_key": wrapped.model_dump()})
         if (method, path) == ("POST", "/cdn"):
             config = CdnConfig(bucket="b", access_key_id="AK", secret_access_key="SK")  # type: ignore[arg-type]
             wrapped = wrap_for_node(

@@ -1,4 +1,4 @@
-"""The node side of sealed models (DESIGN §3): fetch, verify, open, unpack, cache once per node.
+"""The node side of sealed models (docs/sealed-format.md): fetch, verify, open, unpack, cache once per node.
 
 The fakes stand at the two network boundaries only: ``FakeStore`` plays the resource API (it holds
 real sealed small parts, manifests and DEKs made with :mod:`lib.sealed.format`, and wraps each DEK to the
@@ -31,18 +31,12 @@ from lib.errors import (
     NotFoundError,
     UpstreamError,
 )
-from lib.sealed.cdn_config import CdnConfig
+from lib.sealed.fetch import SealedFetcher, SealedRef
 from lib.sealed.format import generate_key, seal_stream, split_point
 from lib.sealed.keywrap import NodeKeyPair, wrap_for_node
-from lib.sealed.node_cache import (
-    SealedFetcher,
-    SealedModelCache,
-    SealedRef,
-    describe,
-    process_cache_dir,
-)
+from lib.sealed.node_cache import SealedModelCache, describe, process_cache_dir
 from lib.sealed.resource_client import FetchedResource
-from lib.sealed.wire import ResourceManifest
+from lib.sealed.wire import CdnConfig, ResourceManifest
 
 FOLDER = "models"
 FINGERPRINT = "0" * 64
@@ -149,13 +143,18 @@ class FakeStore:
         # present the same key pair and fingerprint it can open with.
         wrapped = wrap_for_node(published.dek, keypair.public_bytes(), fingerprint, context="dek")
         dek = keypair.unwrap(wrapped, fingerprint, context="dek")
-        return FetchedResource(manifest=dict(published.manifest), small_part=published.small, dek=dek)
+        return FetchedResource(
+            manifest=ResourceManifest.model_validate(published.manifest), small_part=published.small, dek=dek
+        )
 
-    def list(self, folder: str) -> list[dict[str, Any]]:
+    def list(self, folder: str) -> list[ResourceManifest]:
         self.calls["list"] += 1
         if self.list_error is not None:
             raise self.list_error
-        return [dict(p.manifest) for (f, _), p in sorted(self.resources.items()) if f == folder]
+        return [
+            ResourceManifest.model_validate(p.manifest)
+            for (f, _), p in sorted(self.resources.items()) if f == folder
+        ]
 
     def cdn_config(self, keypair: NodeKeyPair, fingerprint: str) -> CdnConfig:
         self.calls["cdn_config"] += 1

@@ -20,12 +20,12 @@ from lib.errors import (
     ModelUnavailableError,
     UpstreamError,
 )
-from lib.sealed import catalog as sealed_catalog
+from lib.sealed import cdn as sealed_cdn
 from lib.sealed.catalog import LISTING, SealedCatalog, resource_client_from_env
-from lib.sealed.cdn import MiB
-from lib.sealed.cdn_config import CdnConfig
 from lib.sealed.resource_client import ResourceClient
-from lib.settings import SealedSettings
+from lib.sealed.settings import SealedSettings
+from lib.sealed.transfer import MiB
+from lib.sealed.wire import CdnConfig
 from tests.unit.test_sealed_cache import FINGERPRINT, FOLDER, FakeCdn, FakeStore, make_tar, payload
 
 OWNER = "test-loader"
@@ -53,7 +53,8 @@ def cdn_built(monkeypatch: pytest.MonkeyPatch, store: FakeStore) -> list[dict[st
         built.append({"config": config, **options})
         return FakeCdn(store)
 
-    monkeypatch.setattr(sealed_catalog, "CdnClient", fake_cdn_client)
+    # The catalog imports CdnClient on its first fetch, from lib.sealed.cdn.
+    monkeypatch.setattr(sealed_cdn, "CdnClient", fake_cdn_client)
     return built
 
 

@@ -1,4 +1,4 @@
-"""The sealed format v1 (DESIGN §3): round trips, layout, known answers, and every kind of tampering."""
+"""The sealed format v1 (docs/sealed-format.md): round trips, layout, known answers, every tampering."""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def test_short_reads_are_handled(case: tuple[bytes, int], step: int) -> None:
 
 
 def independent_seal(data: bytes, key: bytes, salt: bytes, prefix: bytes, segment_size: int) -> bytes:
-    """DESIGN §3 written out again, without lib.sealed.format."""
+    """docs/sealed-format.md §2-3 written out again, without lib.sealed.format."""
     header = b"SEALSRV1" + b"\x01" + segment_size.to_bytes(4, "big") + salt + prefix
     assert len(header) == 52
     seg_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"sealserve/v1" + header).derive(key)

@@ -1,0 +1,81 @@
+"""Settings of sealed models: the ``sealed`` section of the application arguments.
+
+``lib/settings.py`` composes :class:`SealedSettings` into ``AppSettings``; the sealed package
+reads only this module, never the application's settings. The reader's password is a secret: it
+never travels in the arguments, :func:`reader_credentials` reads it from the environment of the
+process that fetches.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lib.errors import ConfigurationError
+
+PASSWORD_ENV = "RESOURCE_API_PASSWORD"  # noqa: S105 - the name of the variable
+EMAIL_ENV = "RESOURCE_API_EMAIL"
+CACHE_DIR_ENV = "MODEL_CACHE_DIR"
+SHA256_HEX = r"^[0-9a-f]{64}$"
+# tmpfs: plaintext weights never reach a persistent disk. The cache refuses a directory here
+# that another user owns (see lib.sealed.node_cache.process_cache_dir).
+DEFAULT_MODEL_CACHE_DIR = "/dev/shm/sealserve"  # noqa: S108
+
+
+class SealedModelSpec(BaseModel):
+    """One sealed model to serve."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="Resource name the model was published under.")
+    folder: str | None = Field(None, description="Resource folder; default: the sealed.folder.")
+    id: str | None = Field(
+        None, pattern=SHA256_HEX, description="Pin: refuse the model unless its id is this SHA-256."
+    )
+
+
+class SealedSettings(BaseModel):
+    """Where sealed models come from (``args.sealed``); reader credentials are secrets.
+
+    The reader's password is read from RESOURCE_API_PASSWORD by the loader process itself.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resource_api_url: str = Field(description="Base URL of the resource API.")
+    folder: str = Field(min_length=1, description="Default resource folder of the models.")
+    models: list[SealedModelSpec] = Field(min_length=1, description="The sealed models to serve.")
+    email: str | None = Field(
+        None, description="Reader account; default: the RESOURCE_API_EMAIL environment variable."
+    )
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get(CACHE_DIR_ENV, DEFAULT_MODEL_CACHE_DIR),
+        description="Node-local tmpfs directory for decrypted models (MODEL_CACHE_DIR).",
+    )
+    cache_budget_bytes: int = Field(
+        16 * 1024**3, gt=0, description="Plaintext bytes the node cache keeps before evicting (LRU)."
+    )
+    download_workers: int = Field(4, ge=1, le=32, description="Parallel ranged GETs per download.")
+    part_size_mb: int = Field(8, ge=1, le=512, description="Size of one ranged GET, in MiB.")
+    retry_attempts: int = Field(4, ge=1, le=10, description="Attempts per network call (first included).")
+    timeout_s: float = Field(30.0, gt=0, description="Read timeout of each network call.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names_as_specs(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+def reader_credentials(settings: SealedSettings) -> tuple[str, str]:
+    """The reader's email and password, from the settings and this process's environment."""
+    email = settings.email or os.environ.get(EMAIL_ENV)
+    password = os.environ.get(PASSWORD_ENV)
+    if not email or not password:
+        raise ConfigurationError(
+            f"sealed models need reader credentials: set {EMAIL_ENV} (or sealed.email) and {PASSWORD_ENV}"
+        )
+    return email, password
