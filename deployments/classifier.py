@@ -30,7 +30,7 @@ class _Item:
     top_k: int
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+@serve.deployment
 class ImageClassifier(ModelReplica):
     deployment_name = "ImageClassifier"
 

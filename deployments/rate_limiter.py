@@ -12,13 +12,12 @@ multiply every limit, so the deployment refuses to start as one of several.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Any
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle
 
+from deployments.handles import result_within, unary
 from deployments.ray_errors import unwrap
 from lib.accounts.rate_limit import RateDecision, SlidingWindowLimiter
 from lib.errors import ConfigurationError, ServiceUnavailableError
@@ -29,11 +28,9 @@ log = logging.getLogger("ray.serve")
 HIT_TIMEOUT_S = 2.0
 
 
-@serve.deployment(
-    num_replicas=1,
-    max_ongoing_requests=2000,
-    ray_actor_options={"num_cpus": 0.1},
-)
+# num_replicas=1 is part of what the deployment is, not a default (see the module docstring); its
+# other options are defaults owned by deployments/app.py.
+@serve.deployment(num_replicas=1)
 class RateLimiter:
     def __init__(self) -> None:
         world_size = serve.get_replica_context().world_size
@@ -62,19 +59,13 @@ class RateLimiterClient:
         self._timeout_s = timeout_s
 
     async def hit(self, key: str, limit: int, window_s: int) -> RateDecision:
-        response: DeploymentResponse[Any] = self._handle.hit.remote(key, limit, window_s)  # type: ignore[assignment]
+        response = unary(self._handle.hit.remote(key, limit, window_s))
         try:
-            decision: RateDecision = await asyncio.wait_for(_result(response), self._timeout_s)
+            decision: RateDecision = await result_within(response, self._timeout_s)
         except TimeoutError:
-            response.cancel()
             log.warning("the rate limiter did not answer within %.1fs", self._timeout_s)
             raise ServiceUnavailableError("the rate limiter is not available; retry") from None
         except Exception as exc:
             log.warning("the rate limiter failed: %s", type(unwrap(exc)).__name__)
             raise ServiceUnavailableError("the rate limiter is not available; retry") from None
         return decision
-
-
-async def _result(response: DeploymentResponse[Any]) -> RateDecision:
-    decision: RateDecision = await response
-    return decision

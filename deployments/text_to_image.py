@@ -30,7 +30,7 @@ class LoadedPipeline:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
+@serve.deployment
 class TextToImage(ModelReplica):
     deployment_name = "TextToImage"
 

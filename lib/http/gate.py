@@ -7,10 +7,10 @@ answering a 403, 422, 429, 504 ...), and, once the response is sent, hands a usa
 ``record`` (``UsageRecorder.record``: a queue append, never a database call). A request that never
 got past authentication has no admission and is neither decorated nor recorded.
 
-Written against the ASGI spec alone (no Starlette import), like the rest of ``lib/``. An unhandled
-exception leaves this middleware before any response is sent: it is recorded as a 500 and
-re-raised for the outermost error handler, which adds the headers itself (see
-``deployments/ingress.py``).
+Written against the ASGI spec alone (no Starlette import). The ingress wraps this middleware
+around its whole stack (``deployments/ingress.py``, ``IngressApi``), so the last-resort 500 passes
+through it and gets the headers too. Inside a stack, an unhandled exception leaves it before any
+response is sent: it is recorded as a 500 and re-raised.
 """
 
 from __future__ import annotations

@@ -1,0 +1,301 @@
+"""ModelClients (deployments/model_clients.py) and MultiplexedHandles (deployments/handles.py), with
+fake deployment handles: timeouts, Ray failures, unwrapped errors, health, configured handles made once.
+
+The fakes here are also what tests/unit/test_routes.py serves its routes with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Generator
+from typing import Any
+
+import pytest
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+
+from deployments.handles import MultiplexedHandles, result_within
+from deployments.model_clients import ModelClients
+from lib.accounts.auth import Principal
+from lib.accounts.gate import Admission
+from lib.errors import GatewayTimeoutError, ModelNotFoundError, ServiceUnavailableError
+from lib.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    DeploymentHealth,
+    GeneratedImage,
+    InferRequest,
+    InferResponse,
+    ModelInfo,
+    Prediction,
+)
+
+MODEL = "a" * 64
+CLASSIFIER = "c" * 64
+
+
+class FakeResponse:
+    """A DeploymentResponse: awaitable once, cancellable; ``outcome`` runs when awaited."""
+
+    def __init__(self, outcome: Callable[[], Any], delay_s: float = 0.0) -> None:
+        self.outcome = outcome
+        self.delay_s = delay_s
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        await asyncio.sleep(self.delay_s)
+        return self.outcome()
+
+
+class FakeMethod:
+    def __init__(self, handle: FakeHandle, name: str) -> None:
+        self.handle = handle
+        self.name = name
+
+    def remote(self, *args: Any) -> FakeResponse:
+        root = self.handle.root
+        root.calls.append((self.name, self.handle.model_id, args))
+        behaviour = root.methods[self.name]
+        response = FakeResponse(lambda: behaviour(*args), root.delay_s)
+        root.responses.append(response)
+        return response
+
+
+class FakeHandle:
+    """A DeploymentHandle whose methods are plain functions (raise to fail); ``options`` is counted."""
+
+    def __init__(self, methods: dict[str, Callable[..., Any]], *, delay_s: float = 0.0) -> None:
+        self.methods = methods
+        self.delay_s = delay_s
+        self.model_id: str | None = None
+        self.root = self
+        self.calls: list[tuple[str, str | None, tuple[Any, ...]]] = []
+        self.responses: list[FakeResponse] = []
+        self.options_calls: list[str] = []
+
+    def options(self, *, multiplexed_model_id: str) -> FakeHandle:
+        self.root.options_calls.append(multiplexed_model_id)
+        configured = FakeHandle(self.methods)
+        configured.root, configured.model_id = self.root, multiplexed_model_id
+        return configured
+
+    def __getattr__(self, name: str) -> FakeMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return FakeMethod(self, name)
+
+
+class FakeLoader:
+    """NodeLoader's side the ingress uses: models(), call("get" | "errors")."""
+
+    def __init__(self, models: list[ModelInfo] | None = None, errors: dict[str, str] | None = None) -> None:
+        self.catalog = models if models is not None else [model_info(MODEL, "text-to-image")]
+        self.errors = errors or {}
+        self.fail: BaseException | None = None
+
+    async def models(self) -> list[ModelInfo]:
+        if self.fail is not None:
+            raise self.fail
+        return list(self.catalog)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if self.fail is not None:
+            raise self.fail
+        if method == "errors":
+            return dict(self.errors)
+        if method == "get":
+            for info in self.catalog:
+                if info.id == args[0]:
+                    return info
+            raise ModelNotFoundError(f"no model {args[0][:40]!r}")
+        raise AssertionError(f"unexpected loader call {method}")
+
+
+def model_info(model_id: str, kind: str) -> ModelInfo:
+    return ModelInfo(
+        id=model_id, name=f"model-{model_id[:4]}", size=1, path="/m", extension="", kind=kind,
+        status="available",
+    )
+
+
+def generated(request: InferRequest) -> InferResponse:
+    images = [
+        GeneratedImage(base64="iVBO", seed=i, width=request.width, height=request.height)
+        for i in range(request.num_images)
+    ]
+    return InferResponse(
+        id=request.id, model_id=request.model_id, images=images, processing_time=0.1, prompt=request.prompt,
+        negative_prompt=None, num_inference_steps=2, guidance_scale=7.5,
+    )
+
+
+def classified(request: ClassifyRequest) -> ClassifyResponse:
+    return ClassifyResponse(predictions=[Prediction(label="cat", confidence=0.9)], model=CLASSIFIER)
+
+
+def healthy(name: str) -> Callable[[], DeploymentHealth]:
+    return lambda: DeploymentHealth(deployment=name, device="cpu", dtype="float32", loaded_models=[])
+
+
+def text_to_image(**overrides: Callable[..., Any]) -> FakeHandle:
+    return FakeHandle({"generate": generated, "health": healthy("TextToImage"), **overrides})
+
+
+def classifier(**overrides: Callable[..., Any]) -> FakeHandle:
+    return FakeHandle({"classify": classified, "health": healthy("ImageClassifier"), **overrides})
+
+
+def clients(
+    t2i: FakeHandle | None = None,
+    clf: FakeHandle | None = None,
+    loader: FakeLoader | None = None,
+    **kwargs: Any,
+) -> ModelClients:
+    return ModelClients(
+        t2i or text_to_image(), clf or classifier(), loader or FakeLoader(),  # type: ignore[arg-type]
+        timeout_s=kwargs.pop("timeout_s", 2.0), **kwargs,
+    )
+
+
+def admission() -> Admission:
+    return Admission(Principal("k1", frozenset({"infer", "classify"}), "api_key", None), None)
+
+
+def infer_request(model_id: str = MODEL, **fields: Any) -> InferRequest:
+    return InferRequest(id="r1", model_id=model_id, prompt="a cat", **fields)
+
+
+def raising(exc: BaseException) -> Callable[..., Any]:
+    def fail(*_args: Any) -> Any:
+        raise exc
+
+    return fail
+
+
+# --- generate / classify --------------------------------------------------------------------------
+
+
+def test_generate_calls_the_handle_for_its_model_and_fills_the_usage() -> None:
+    t2i = text_to_image()
+    used = admission()
+    result = asyncio.run(clients(t2i).generate(infer_request(num_images=2), used))
+    assert [image.seed for image in result.images] == [0, 1]
+    [(method, model_id, (sent,))] = t2i.calls
+    assert (method, model_id, sent.prompt) == ("generate", MODEL, "a cat")
+    assert (used.model_id, used.image_count) == (MODEL, 2)
+
+
+def test_classify_uses_the_base_handle_without_a_model_and_records_the_model_that_did_it() -> None:
+    clf = classifier()
+    used = admission()
+    result = asyncio.run(clients(clf=clf).classify(ClassifyRequest(image="aGk="), used))
+    assert result.model == CLASSIFIER
+    assert [(method, model_id) for method, model_id, _ in clf.calls] == [("classify", None)]
+    assert clf.options_calls == []
+    assert (used.model_id, used.image_count) == (CLASSIFIER, 1)
+    asyncio.run(clients(clf=clf).classify(ClassifyRequest(image="aGk=", model_id="resnet"), admission()))
+    assert clf.calls[-1][1] == "resnet"
+
+
+def test_configured_handles_are_made_once_per_model() -> None:
+    t2i = text_to_image()
+    models = clients(t2i)
+
+    async def run() -> None:
+        for model_id in ("m1", "m2", "m1", "m1", "m2"):
+            await models.generate(infer_request(model_id), admission())
+
+    asyncio.run(run())
+    assert t2i.options_calls == ["m1", "m2"]
+    assert [model_id for _, model_id, _ in t2i.calls] == ["m1", "m2", "m1", "m1", "m2"]
+
+
+def test_a_slow_model_is_504_and_its_call_is_cancelled() -> None:
+    t2i = FakeHandle({"generate": generated}, delay_s=5.0)
+    used = admission()
+    with pytest.raises(GatewayTimeoutError, match=r"within 0\.05s"):
+        asyncio.run(clients(t2i, timeout_s=0.05).generate(infer_request(), used))
+    assert t2i.responses[0].cancelled
+    assert used.model_id == MODEL  # the usage record names the model asked for
+
+
+@pytest.mark.parametrize(
+    "failure", [RayActorError(), BackPressureError(num_queued_requests=5, max_queued_requests=5)]
+)
+def test_a_dead_or_overloaded_deployment_is_503(failure: BaseException) -> None:
+    t2i = text_to_image(generate=raising(failure))
+    with pytest.raises(ServiceUnavailableError, match="busy or restarting"):
+        asyncio.run(clients(t2i).generate(infer_request(), admission()))
+
+
+def test_an_error_the_model_raised_reaches_the_caller_as_itself() -> None:
+    wrapped = RayTaskError("generate", "traceback", ModelNotFoundError("no model 'x'"))
+    t2i = text_to_image(generate=raising(wrapped))
+    with pytest.raises(ModelNotFoundError, match="no model 'x'"):
+        asyncio.run(clients(t2i).generate(infer_request(), admission()))
+
+
+# --- health ---------------------------------------------------------------------------------------
+
+
+def test_health_is_ok_when_every_part_answers() -> None:
+    health = asyncio.run(clients().health())
+    assert (health.status, health.ready, health.device, health.models) == ("ok", True, "cpu", 1)
+    assert [d.deployment for d in health.deployments] == ["TextToImage", "ImageClassifier"]
+    assert health.errors == []
+
+
+def test_health_names_each_part_that_fails_and_a_model_error_only_degrades() -> None:
+    slow = FakeHandle({"health": healthy("TextToImage")}, delay_s=5.0)
+    broken = classifier(health=raising(RayTaskError("health", "tb", RuntimeError("boom"))))
+    health = asyncio.run(clients(slow, broken, FakeLoader(errors={"tiny": "cannot fetch"}),
+                                 health_timeout_s=0.05).health())
+    assert (health.status, health.ready, health.device) == ("degraded", False, "unknown")
+    assert health.errors == [
+        "TextToImage: TimeoutError", "ImageClassifier: RuntimeError", "model tiny: cannot fetch"
+    ]
+    assert slow.responses[0].cancelled
+
+    only_model_errors = asyncio.run(clients(loader=FakeLoader(errors={"tiny": "cannot fetch"})).health())
+    assert (only_model_errors.status, only_model_errors.ready) == ("degraded", True)
+
+
+def test_health_reports_a_loader_that_does_not_answer() -> None:
+    loader = FakeLoader()
+    loader.fail = RayActorError()
+    health = asyncio.run(clients(loader=loader).health())
+    assert health.ready is False and health.models == 0
+    assert health.errors == ["ModelLoader: RayActorError"]
+
+
+# --- the handle helpers ---------------------------------------------------------------------------
+
+
+def test_multiplexed_handles_are_bounded_and_keep_the_recently_used() -> None:
+    base = text_to_image()
+    handles = MultiplexedHandles(base, max_entries=2)  # type: ignore[arg-type]
+    first = handles.for_model("m1")
+    handles.for_model("m2")
+    assert handles.for_model("m1") is first  # reused, and now the most recently used
+    handles.for_model("m3")  # evicts m2, the least recently used
+    assert len(handles) == 2
+    assert handles.for_model("m1") is first
+    handles.for_model("m2")  # made again
+    assert base.options_calls == ["m1", "m2", "m3", "m2"]
+    assert handles.base is base
+    with pytest.raises(ValueError, match="at least 1"):
+        MultiplexedHandles(base, max_entries=0)  # type: ignore[arg-type]
+
+
+def test_result_within_returns_the_result_or_cancels_on_timeout() -> None:
+    assert asyncio.run(result_within(FakeResponse(lambda: 42), 1.0)) == 42  # type: ignore[arg-type]
+    slow = FakeResponse(lambda: 42, delay_s=5.0)
+    with pytest.raises(TimeoutError):
+        asyncio.run(result_within(slow, 0.05))  # type: ignore[arg-type]
+    assert slow.cancelled
