@@ -11,6 +11,7 @@ they name only deployments and options this module knows).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
@@ -32,8 +33,14 @@ class ServeOptions(TypedDict, total=False):
 
     ray_actor_options: dict[str, Any]
     max_ongoing_requests: int
+    max_queued_requests: int
     graceful_shutdown_timeout_s: float
+    autoscaling_config: dict[str, Any]
 
+
+# Replicas that can do CPU work at once on this machine (the one that builds the application; a
+# cluster sets its own replica counts in its config, as configs/gpu.yaml does).
+CORES = max(1, os.cpu_count() or 1)
 
 DEFAULT_OPTIONS: Mapping[str, ServeOptions] = {
     "Ingress": {
@@ -55,10 +62,26 @@ DEFAULT_OPTIONS: Mapping[str, ServeOptions] = {
         "max_ongoing_requests": 4,
     },
     "ImageClassifier": {
-        # Reasoned: a forward pass of a small classifier is short and batched; half a core.
-        "ray_actor_options": {"num_cpus": 0.5},
-        # Reasoned: two full batches (@serve.batch max_batch_size=8, deployments/classifier.py).
-        "max_ongoing_requests": 16,
+        # Reasoned: batched forward passes of a small classifier; 0.4 of a core lets two replicas
+        # sit beside one TextToImage replica (1) and the ingress and limiter (0.1 each) on the
+        # 2-core machine the embedded defaults are measured on.
+        "ray_actor_options": {"num_cpus": 0.4},
+        # Measured (bench/request_path.py, 32 clients): the ingress sends batches, at most
+        # CLASSIFY_IN_FLIGHT (2) per ingress replica; handle callers' single classify calls are
+        # batched here by 8. 16 made Serve's router back off under single calls (105 -> 26 req/s
+        # when it was the cap with 32 clients); 32 leaves room for both.
+        "max_ongoing_requests": 32,
+        # Reasoned: a bounded queue per caller; past it callers get 503 instead of growing memory.
+        "max_queued_requests": 256,
+        # One replica when idle, one per core under load (a forward pass holds a core); the
+        # bench plots the replicas over time. Ongoing requests are batches, so 1 is "busy".
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": CORES,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 3.0,
+            "downscale_delay_s": 20.0,
+        },
     },
     "RateLimiter": {
         # Reasoned: a hit is a dictionary update on one event loop.
@@ -71,7 +94,8 @@ DEFAULT_OPTIONS: Mapping[str, ServeOptions] = {
 
 # The options a config (or a Python caller) may set per deployment. The RateLimiter has no
 # replica options: it must run as exactly one replica (its decorator says so).
-_REPLICA_OPTIONS = frozenset({"num_replicas", "autoscaling_config", "max_replicas_per_node"})
+_REPLICA_COUNT_OPTIONS = frozenset({"num_replicas", "autoscaling_config"})
+_REPLICA_OPTIONS = _REPLICA_COUNT_OPTIONS | {"max_replicas_per_node"}
 _COMMON_OPTIONS = frozenset(
     {
         "ray_actor_options",
@@ -99,8 +123,14 @@ def build_app(args: dict[str, Any]) -> Application:
 
 def deployment_options(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The Serve options of deployment ``name``: its defaults, then ``overrides`` (each replaces
-    a default whole)."""
-    return {**copy.deepcopy(dict(DEFAULT_OPTIONS[name])), **(overrides or {})}
+    a default whole). ``num_replicas`` and ``autoscaling_config`` replace each other: a config
+    that fixes the replica count turns the default autoscaling off, and the reverse."""
+    defaults = copy.deepcopy(dict(DEFAULT_OPTIONS[name]))
+    overrides = dict(overrides or {})
+    if _REPLICA_COUNT_OPTIONS & overrides.keys():
+        for option in _REPLICA_COUNT_OPTIONS:
+            defaults.pop(option, None)
+    return {**defaults, **overrides}
 
 
 def bind_graph(settings: AppSettings, options: DeploymentOptions | None = None) -> Application:

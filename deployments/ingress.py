@@ -78,7 +78,11 @@ class Ingress:
         )
         self.loader = NodeLoader.for_this_replica(settings)
         self.models = ModelClients(
-            text_to_image, classifier, self.loader, timeout_s=settings.request_timeout_s
+            text_to_image,
+            classifier,
+            self.loader,
+            timeout_s=settings.request_timeout_s,
+            default_classifier=settings.default_classifier,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

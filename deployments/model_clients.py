@@ -9,6 +9,8 @@ model id are made once (:class:`deployments.handles.MultiplexedHandles`).
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import defaultdict
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -21,7 +23,9 @@ from deployments.model_loader import NodeLoader
 from deployments.ray_errors import unwrap
 from deployments.version import VERSION
 from lib.accounts.gate import Admission
+from lib.batching import MicroBatcher
 from lib.errors import GatewayTimeoutError, ServiceUnavailableError
+from lib.models.catalog_view import CatalogView
 from lib.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -32,6 +36,13 @@ from lib.schemas import (
 )
 
 T = TypeVar("T")
+TEXT_TO_IMAGE = "text-to-image"
+CLASSIFICATION = "image-classification"
+# The most classify requests one handle call carries, and the calls out at once per ingress
+# replica (lib/batching.py). Measured with bench/request_path.py (32 clients, 2 cores): see
+# docs/architecture.md "Request path" for the figures that chose them.
+CLASSIFY_BATCH = 32
+CLASSIFY_IN_FLIGHT = 2
 # Each part of /health (a model deployment, the loader) gets this long before it counts as down.
 HEALTH_TIMEOUT_S = 5.0
 
@@ -44,30 +55,74 @@ class ModelClients:
         loader: NodeLoader,
         *,
         timeout_s: float,
+        default_classifier: str | None = None,
         health_timeout_s: float = HEALTH_TIMEOUT_S,
         max_configured_handles: int = MAX_CONFIGURED_HANDLES,
     ) -> None:
         self._text_to_image = MultiplexedHandles(text_to_image, max_entries=max_configured_handles)
         self._classifier = MultiplexedHandles(classifier, max_entries=max_configured_handles)
         self._loader = loader
+        self._catalog = CatalogView(loader.models)
+        self._default_classifier = default_classifier
         self._timeout_s = timeout_s
         self._health_timeout_s = health_timeout_s
+        # Concurrent classify requests of this replica travel to the classifier together: the
+        # Ray round trip is paid once per batch, and the classifier runs one forward pass for it.
+        self._classify_batches: MicroBatcher[ClassifyRequest, ClassifyResponse | BaseException] = (
+            MicroBatcher(self._classify_many, max_batch=CLASSIFY_BATCH, max_in_flight=CLASSIFY_IN_FLIGHT)
+        )
 
     async def generate(self, body: InferRequest, admission: Admission) -> InferResponse:
         """Text to image; ``admission`` learns the model and the image count for the usage record."""
         admission.model_id = body.model_id
-        handle = self._text_to_image.for_model(body.model_id)
-        result: InferResponse = await self._call(unary(handle.generate.remote(body)))
-        admission.model_id, admission.image_count = result.model_id, len(result.images)
+        info = await self._catalog.resolve(body.model_id, TEXT_TO_IMAGE)
+        admission.model_id = info.id
+        handle = self._text_to_image.for_model(info.id)
+        routed = body.model_copy(update={"model_id": info.id})
+        started = time.perf_counter()
+        result: InferResponse = await self._call(unary(handle.generate.remote(routed)))
+        admission.timings["model"] = (time.perf_counter() - started) * 1000
+        admission.image_count = len(result.images)
         return result
 
     async def classify(self, body: ClassifyRequest, admission: Admission) -> ClassifyResponse:
+        """One image classified, in one handle call with the requests that arrive with it."""
         admission.model_id = body.model_id
-        handle = self._classifier.for_model(body.model_id) if body.model_id else self._classifier.base
-        result: ClassifyResponse = await self._call(unary(handle.classify.remote(body)))
-        # One image classified; recorded under the model that did it, not the name asked for.
-        admission.model_id, admission.image_count = result.model, 1
-        return result
+        info = await self._catalog.resolve(body.model_id or self._default_classifier, CLASSIFICATION)
+        # Recorded under the model that does it, not the name asked for.
+        admission.model_id = info.id
+        started = time.perf_counter()
+        outcome = await self._classify_batches.submit(body.model_copy(update={"model_id": info.id}))
+        admission.timings["model"] = (time.perf_counter() - started) * 1000
+        if isinstance(outcome, BaseException):
+            raise outcome
+        admission.image_count = 1
+        return outcome
+
+    async def _classify_many(
+        self, bodies: list[ClassifyRequest]
+    ) -> list[ClassifyResponse | BaseException]:
+        """One batch of the replica's classify requests: one handle call per model in it."""
+        outcomes: list[ClassifyResponse | BaseException] = [
+            ServiceUnavailableError("not classified") for _ in bodies
+        ]
+        by_model: dict[str, list[int]] = defaultdict(list)
+        for index, body in enumerate(bodies):
+            by_model[str(body.model_id)].append(index)
+
+        async def one_model(model_id: str, indices: list[int]) -> None:
+            handle = self._classifier.for_model(model_id)
+            try:
+                results = await self._call(
+                    unary(handle.classify_many.remote([bodies[i] for i in indices]))
+                )
+            except Exception as exc:  # the call failed as a whole: every request in it fails
+                results = [exc] * len(indices)
+            for index, result in zip(indices, results, strict=True):
+                outcomes[index] = result
+
+        await asyncio.gather(*(one_model(m, indices) for m, indices in by_model.items()))
+        return outcomes
 
     async def health(self) -> Health:
         """Each model deployment and the loader, asked in turn (``health_timeout_s`` each)."""

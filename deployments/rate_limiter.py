@@ -2,8 +2,8 @@
 
 Rate limits must hold across every ingress replica, so the counters live in exactly one place: a
 Serve deployment with a single replica hosting :class:`lib.accounts.rate_limit.SlidingWindowLimiter`,
-bound into the graph by ``build_app`` and handed to the Ingress as a handle. Each admitted request
-costs one handle call (about a millisecond on one node).
+bound into the graph by ``build_app`` and handed to the Ingress as a handle. Ingress replicas take
+hits in leases (``lib/accounts/leases.py``), so most admitted requests cost no call here at all.
 
 Its counters are in memory: if the replica restarts, every window starts afresh (the limit is
 briefly more generous, never stricter). More than one replica would split the counters and
@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.handles import result_within, unary
 from deployments.ray_errors import unwrap
-from lib.accounts.rate_limit import RateDecision, SlidingWindowLimiter
+from lib.accounts.rate_limit import Grant, SlidingWindowLimiter
 from lib.errors import ConfigurationError, ServiceUnavailableError
 
 log = logging.getLogger("ray.serve")
@@ -41,15 +41,15 @@ class RateLimiter:
             )
         self._limiter = SlidingWindowLimiter()
 
-    async def hit(self, key: str, limit: int, window_s: int) -> RateDecision:
+    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant:
         # Runs on the replica's event loop, one call at a time: no thread contends for the lock.
-        return self._limiter.hit(key, limit, window_s)
+        return self._limiter.take(key, limit, window_s, count)
 
 
 class RateLimiterClient:
-    """The ingress side: ``await hit(...)`` with a timeout, failures as 503.
+    """The ingress side: ``await take(...)`` with a timeout, failures as 503.
 
-    A hit is not retried: it is not idempotent (a call that timed out may still have counted),
+    A take is not retried: it is not idempotent (a call that timed out may still have counted),
     and a caller told 503 retries on its own. While the limiter is unreachable requests are
     refused rather than let through unlimited.
     """
@@ -58,14 +58,14 @@ class RateLimiterClient:
         self._handle = handle
         self._timeout_s = timeout_s
 
-    async def hit(self, key: str, limit: int, window_s: int) -> RateDecision:
-        response = unary(self._handle.hit.remote(key, limit, window_s))
+    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant:
+        response = unary(self._handle.take.remote(key, limit, window_s, count))
         try:
-            decision: RateDecision = await result_within(response, self._timeout_s)
+            grant: Grant = await result_within(response, self._timeout_s)
         except TimeoutError:
             log.warning("the rate limiter did not answer within %.1fs", self._timeout_s)
             raise ServiceUnavailableError("the rate limiter is not available; retry") from None
         except Exception as exc:
             log.warning("the rate limiter failed: %s", type(unwrap(exc)).__name__)
             raise ServiceUnavailableError("the rate limiter is not available; retry") from None
-        return decision
+        return grant

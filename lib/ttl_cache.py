@@ -3,6 +3,10 @@
 :class:`lib.accounts.key_cache.KeyCache` builds on it for plaintext API keys (keyed by their hash); the
 ingress also uses it directly for lookups by key *id* (the subject of a JWT), so that verifying
 a token costs no database round trip either. ``None`` answers are cached for ``negative_ttl_s``.
+
+Inside :func:`memory_only` a lookup that would block raises :class:`CacheMiss` instead: an event
+loop first tries to answer from memory and goes to a thread only on a miss (the request gate
+does, ``lib/accounts/gate.py``), so the common case costs no thread hop.
 """
 
 from __future__ import annotations
@@ -10,11 +14,29 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+_MEMORY_ONLY: ContextVar[bool] = ContextVar("ttl_cache_memory_only", default=False)
+
+
+class CacheMiss(LookupError):
+    """No fresh entry, and the caller asked not to block on the lookup (:func:`memory_only`)."""
+
+
+@contextmanager
+def memory_only() -> Iterator[None]:
+    """Within this block, every :class:`TtlCache` answers from memory or raises :class:`CacheMiss`."""
+    token = _MEMORY_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _MEMORY_ONLY.reset(token)
 
 
 class TtlCache(Generic[K, V]):
@@ -44,6 +66,8 @@ class TtlCache(Generic[K, V]):
             if entry is not None and entry[0] > now:
                 self._entries.move_to_end(key)
                 return entry[1]
+        if _MEMORY_ONLY.get():
+            raise CacheMiss(key)
         # Looked up outside the lock: one slow lookup must not stall every other key's check.
         # Two concurrent misses on the same key may both look it up; bounded and harmless.
         value = self._lookup(key)

@@ -11,8 +11,9 @@ Three kinds of credential are accepted, checked in this order:
 * a bootstrap key from ``API_KEYS`` (all scopes, the bootstrap rate limit);
 * a stored API key, found through ``lookup_key`` (the per-replica :class:`lib.accounts.key_cache.KeyCache`).
 
-The lookups are synchronous and may hit the database on a cache miss, so an async caller runs
-:meth:`Authenticator.authenticate` in a thread (:class:`lib.accounts.gate.RequestGate` does).
+The lookups are synchronous and may hit the database on a cache miss, so an async caller tries
+:meth:`Authenticator.authenticate` from memory first (``lib.ttl_cache.memory_only``) and runs it in
+a thread only on a miss (:class:`lib.accounts.gate.RequestGate` does).
 """
 
 from __future__ import annotations

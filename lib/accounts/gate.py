@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -28,6 +29,7 @@ from lib.accounts.rate_limit import RateDecision
 from lib.accounts.records import Scope, UsageRecord
 from lib.clock import utc_now
 from lib.errors import RateLimitedError
+from lib.ttl_cache import CacheMiss, memory_only
 
 RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
 # Column widths of usage_records (lib.accounts.tables): longer values are cut, never refused, so
@@ -54,6 +56,13 @@ class Admission:
     decision: RateDecision | None
     model_id: str | None = None
     image_count: int = 0
+    # Milliseconds per stage of the request (auth, limit, model), sent back as Server-Timing.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def server_timing(self, app_ms: float) -> str:
+        """The ``Server-Timing`` header value (W3C): each stage, then ``app``, the whole request."""
+        stages = [*self.timings.items(), ("app", app_ms)]
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in stages)
 
     def require(self, scope: Scope | str | None) -> None:
         """429 when over the rate limit, then 403 without ``scope`` (None: any scope will do)."""
@@ -97,15 +106,25 @@ class RequestGate:
     async def admit(self, authorization: str | None) -> Admission:
         """Authenticate (401 on failure) and count the request against the caller's limit.
 
-        Authentication runs in a thread: a key-cache miss is a blocking database lookup. The
-        limiter's own errors (e.g. 503 when it cannot be reached) propagate.
+        Authentication is answered from the key caches on the event loop; only a cache miss (a
+        blocking database lookup) goes to a thread. The limiter's own errors (e.g. 503 when it
+        cannot be reached) propagate. The time of each stage is kept in ``Admission.timings``.
         """
-        principal = await asyncio.to_thread(self._authenticator.authenticate, authorization)
+        started = time.perf_counter()
+        try:
+            with memory_only():
+                principal = self._authenticator.authenticate(authorization)
+        except CacheMiss:
+            principal = await asyncio.to_thread(self._authenticator.authenticate, authorization)
+        authenticated = time.perf_counter()
         spec = principal.rate_limit
         decision = None
         if spec is not None:
             decision = await self._limiter.hit(principal.subject, spec.limit, spec.window_s)
-        return Admission(principal, decision)
+        admission = Admission(principal, decision)
+        admission.timings["auth"] = (authenticated - started) * 1000
+        admission.timings["limit"] = (time.perf_counter() - authenticated) * 1000
+        return admission
 
 
 def usage_record(

@@ -82,6 +82,14 @@ class RateDecision:
     retry_after_s: float
 
 
+@dataclass(frozen=True)
+class Grant:
+    """What :meth:`SlidingWindowLimiter.take` allowed: ``granted`` hits (0: denied), and the decision."""
+
+    granted: int
+    decision: RateDecision
+
+
 class _KeyLog:
     __slots__ = ("hits", "window_s")
 
@@ -117,8 +125,18 @@ class SlidingWindowLimiter:
         ``now`` is injectable for tests; by default the limiter's own clock is used, which is what a
         shared limiter must do (replicas' clocks are not comparable).
         """
-        if limit < 1 or window_s <= 0:
-            raise ValueError("limit must be >= 1 and window_s > 0")
+        return self.take(key, limit, window_s, 1, now).decision
+
+    def take(
+        self, key: str, limit: int, window_s: float, count: int, now: float | None = None
+    ) -> Grant:
+        """Count up to ``count`` requests for ``key`` at once: as many as the window still allows.
+
+        A lease (``lib/accounts/leases.py``) takes several hits in one call and spends them on its
+        replica; they count from now, exactly as if the requests had arrived together.
+        """
+        if limit < 1 or window_s <= 0 or count < 1:
+            raise ValueError("limit and count must be >= 1 and window_s > 0")
         if now is None:
             now = self._clock()
         with self._lock:
@@ -130,15 +148,14 @@ class SlidingWindowLimiter:
             log.window_s = window_s
             log.expire(now)
             hits = log.hits
-            allowed = len(hits) < limit
-            if allowed:
-                hits.append(now)
+            granted = max(0, min(count, limit - len(hits)))
+            hits.extend([now] * granted)
             remaining = max(0, limit - len(hits))
             reset_after = max(0.0, hits[-1] + window_s - now) if hits else 0.0
             # When denied, the hit that must expire before a slot frees is the one at index
             # len-limit: the oldest, unless the limit was lowered while the log held more.
-            retry_after = 0.0 if allowed else max(0.0, hits[len(hits) - limit] + window_s - now)
-            return RateDecision(allowed, limit, remaining, reset_after, retry_after)
+            retry_after = 0.0 if granted else max(0.0, hits[len(hits) - limit] + window_s - now)
+            return Grant(granted, RateDecision(granted > 0, limit, remaining, reset_after, retry_after))
 
     def prune(self, now: float | None = None) -> int:
         """Forget keys with no hit inside their window; returns how many were dropped.

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lib.accounts.auth import Authenticator
-from lib.accounts.gate import RateLimiter, RequestGate
+from lib.accounts.gate import RequestGate
 from lib.accounts.key_cache import KeyCache
+from lib.accounts.leases import LeasedLimiter, SharedLimiter
 from lib.accounts.records import KeyRecord
 from lib.accounts.service import AccountService
 from lib.accounts.settings import AccountsSettings
@@ -64,13 +65,14 @@ def build_accounts(
     bootstrap_keys: Sequence[str],
     issuer: str,
     audience: str,
-    limiter: RateLimiter,
+    limiter: SharedLimiter,
 ) -> AccountsWiring:
     """The account collaborators for ``settings``, reading and writing the database at ``database_url``.
 
     ``secret_key`` signs and verifies the JWTs (``issuer`` / ``audience``); ``bootstrap_keys`` are
     the plaintext keys accepted without a database row; ``limiter`` is the application's one
-    shared rate limiter. The store is closed again if anything after it fails.
+    shared rate limiter, taken from in leases (``lib/accounts/leases.py``). The store is closed
+    again if anything after it fails.
     """
     store = AccountStore(database_url)
     try:
@@ -96,7 +98,7 @@ def build_accounts(
                 lookup_key_id=key_ids.get,
                 bootstrap_rate_limit=settings.bootstrap_rate_limit_spec,
             ),
-            limiter=limiter,
+            limiter=LeasedLimiter(limiter),
         )
         service = AccountService(store, tokens, on_revoked=key_ids.invalidate)
         usage = UsageRecorder(

@@ -14,10 +14,12 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,38 @@ BUILD_APP = "deployments.app:build_app"
 # No hub downloads and no usage reporting: model sources are configuration, and the machine
 # running this may be offline.
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray Serve's high-throughput mode (Ray's own documented switch): replicas talk over gRPC, the
+# ingress replica serves HTTP itself, user code and the router share the replica's event loop.
+# Measured with bench/request_path.py on 2 cores (/v1/classify, 32 clients): 105 req/s without
+# it, 129 req/s with it behind Serve's Python proxy, 188 req/s with HAProxy in front.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HAPROXY = "haproxy"
+
+
+def serve_env(state_dir: Path, environ: Mapping[str, str], haproxy: str | None) -> dict[str, str]:
+    """The environment of ``serve run`` (and so of every Ray process it starts).
+
+    With an ``haproxy`` binary, Ray runs HAProxy as the HTTP front (``RAY_SERVE_ENABLE_HA_PROXY``)
+    and keeps its configuration and admin socket in ``state_dir/haproxy`` (mode 0700: the socket
+    Ray creates is world-writable, the directory keeps other users out). Without one, Serve's own
+    proxy fronts the ingress. Variables already set in ``environ`` win.
+    """
+    env = {**QUIET_ENV, **THROUGHPUT_ENV}
+    if haproxy is not None:
+        private = state_dir / "haproxy"
+        private.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private.chmod(0o700)
+        env.update(
+            {
+                "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy,
+                "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(private / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(private / "admin.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(private),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(private / "server-state"),
+            }
+        )
+    return {**env, **environ}
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -83,8 +117,10 @@ def run_serve(args: argparse.Namespace) -> int:
     wildcard = http["host"] in ("0.0.0.0", "::")  # noqa: S104 - detecting it, not binding
     url = f"http://{'127.0.0.1' if wildcard else http['host']}:{http['port']}"
     serve_bin = Path(sys.executable).with_name("serve")
-    env = {**QUIET_ENV, **os.environ}
-    print(f"starting Ray Serve with {args.config} on {url} ...", flush=True)
+    haproxy = shutil.which(HAPROXY)
+    env = serve_env(settings.state_path, os.environ, haproxy)
+    front = "HAProxy" if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's HTTP proxy"
+    print(f"starting Ray Serve with {args.config} on {url} ({front} in front) ...", flush=True)
     process = subprocess.Popen([str(serve_bin), "run", str(run_config)], env=env)  # noqa: S603
     try:
         if wait_until_ready(url, process, args.ready_timeout):

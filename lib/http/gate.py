@@ -25,6 +25,8 @@ from lib.accounts.records import UsageRecord
 from lib.http.asgi import ASGIApp, AsgiScope, Message, Receive, Send
 
 ADMISSION_STATE_KEY = "admission"
+# Where an admitted request's time went (auth, limit, model, app), for clients and benchmarks.
+SERVER_TIMING_HEADER = "Server-Timing"
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class GateMiddleware:
             await self.app(scope, receive, send)
             return
         started = self._clock()
+        # Server-Timing reports real elapsed time, whatever clock the usage record is given.
+        started_perf = time.perf_counter()
         status: int | None = None
 
         async def send_with_rate_headers(message: Message) -> None:
@@ -70,7 +74,11 @@ class GateMiddleware:
                 status = int(message["status"])
                 admission = admission_of(scope)
                 if admission is not None:
-                    message["headers"] = with_headers(message.get("headers", []), admission.headers())
+                    extra = admission.headers()
+                    extra[SERVER_TIMING_HEADER] = admission.server_timing(
+                        (time.perf_counter() - started_perf) * 1000
+                    )
+                    message["headers"] = with_headers(message.get("headers", []), extra)
             await send(message)
 
         try:

@@ -8,7 +8,7 @@ import pytest
 from ray.serve.deployment import Application, Deployment
 from ray.serve.schema import DeploymentSchema
 
-from deployments.app import DEFAULT_OPTIONS, KNOWN_OPTIONS, bind_graph, deployment_options
+from deployments.app import CORES, DEFAULT_OPTIONS, KNOWN_OPTIONS, bind_graph, deployment_options
 from deployments.classifier import ImageClassifier
 from deployments.ingress import USAGE_DRAIN_TIMEOUT_S, Ingress
 from deployments.rate_limiter import RateLimiter
@@ -39,7 +39,10 @@ def test_every_deployment_gets_its_defaults(settings: AppSettings) -> None:
         assert deployment.max_ongoing_requests == defaults["max_ongoing_requests"]
     assert deployments["Ingress"].ray_actor_options == {"num_cpus": 0.1}
     assert deployments["TextToImage"].ray_actor_options == {"num_cpus": 1}
-    assert deployments["ImageClassifier"].ray_actor_options == {"num_cpus": 0.5}
+    assert deployments["ImageClassifier"].ray_actor_options == {"num_cpus": 0.4}
+    autoscaling = deployments["ImageClassifier"]._deployment_config.autoscaling_config
+    assert autoscaling is not None
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, CORES)
     assert deployments["RateLimiter"].ray_actor_options == {"num_cpus": 0.1}
     ingress_config = deployments["Ingress"]._deployment_config
     assert ingress_config.graceful_shutdown_timeout_s == 30.0
@@ -86,3 +89,11 @@ def test_known_options_are_serve_deployment_options() -> None:
         assert set(DEFAULT_OPTIONS[name]) <= known, name
     # More than one limiter would split the counters: no replica options for it.
     assert not KNOWN_OPTIONS["RateLimiter"] & {"num_replicas", "autoscaling_config"}
+
+
+def test_a_fixed_replica_count_replaces_the_default_autoscaling(settings: AppSettings) -> None:
+    fixed = bound(bind_graph(settings, {"ImageClassifier": {"num_replicas": 2}}))["ImageClassifier"]
+    assert fixed.num_replicas == 2 and fixed._deployment_config.autoscaling_config is None
+    assert "autoscaling_config" not in deployment_options("ImageClassifier", {"num_replicas": 2})
+    scaled = deployment_options("ImageClassifier", {"autoscaling_config": {"max_replicas": 3}})
+    assert scaled["autoscaling_config"] == {"max_replicas": 3}

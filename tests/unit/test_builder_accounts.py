@@ -12,7 +12,7 @@ import pytest
 import lib.accounts.wiring as wiring_module
 from lib.accounts.auth import bootstrap_subject
 from lib.accounts.gate import Admission, usage_record
-from lib.accounts.rate_limit import RateDecision
+from lib.accounts.rate_limit import Grant, RateDecision
 from lib.accounts.records import Scope
 from lib.accounts.settings import AccountsSettings
 from lib.accounts.store import AccountStore
@@ -34,9 +34,11 @@ class CountingLimiter:
     def __init__(self) -> None:
         self.hits: list[tuple[str, int, int]] = []
 
-    async def hit(self, key: str, limit: int, window_s: int) -> RateDecision:
+    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant:
+        # Limits of 10 and 5 per minute lease one hit at a time (lib/accounts/leases.py).
+        assert count == 1
         self.hits.append((key, limit, window_s))
-        return RateDecision(True, limit, limit - len(self.hits), float(window_s), 0.0)
+        return Grant(1, RateDecision(True, limit, limit - len(self.hits), float(window_s), 0.0))
 
 
 def build(tmp_path: Path, limiter: Any = None, **fields: Any) -> AccountsWiring:

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from deployments.rate_limiter import RateLimiterClient
-from lib.accounts.rate_limit import RateDecision
+from lib.accounts.rate_limit import Grant, RateDecision
 from lib.errors import ServiceUnavailableError
 
-DECISION = RateDecision(True, 5, 4, 60.0, 0.0)
+DECISION = Grant(1, RateDecision(True, 5, 4, 60.0, 0.0))
 
 
 class FakeResponse:
@@ -38,22 +38,22 @@ class FakeHandle:
     def __init__(self, response: FakeResponse) -> None:
         self.response = response
         self.calls: list[tuple[Any, ...]] = []
-        self.hit = self
+        self.take = self
 
     def remote(self, *args: Any) -> FakeResponse:
         self.calls.append(args)
         return self.response
 
 
-def hit(handle: FakeHandle, timeout_s: float = 1.0) -> RateDecision:
+def hit(handle: FakeHandle, timeout_s: float = 1.0) -> Grant:
     client = RateLimiterClient(handle, timeout_s=timeout_s)  # type: ignore[arg-type]
-    return asyncio.run(client.hit("k1", 5, 60))
+    return asyncio.run(client.take("k1", 5, 60, 1))
 
 
 def test_the_decision_comes_back() -> None:
     handle = FakeHandle(FakeResponse(DECISION))
     assert hit(handle) == DECISION
-    assert handle.calls == [("k1", 5, 60)]
+    assert handle.calls == [("k1", 5, 60, 1)]
 
 
 def test_a_slow_limiter_is_503_and_the_call_is_cancelled() -> None:

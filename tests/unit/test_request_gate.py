@@ -10,8 +10,9 @@ import pytest
 
 from lib.accounts.auth import ALL_SCOPES, Authenticator, Principal, bootstrap_subject
 from lib.accounts.gate import Admission, RequestGate, retry_after_seconds, usage_record
+from lib.accounts.key_cache import KeyCache
 from lib.accounts.rate_limit import RateDecision, RateLimitSpec, SlidingWindowLimiter
-from lib.accounts.records import KeyRecord
+from lib.accounts.records import KeyRecord, hash_api_key
 from lib.errors import AuthenticationError, PermissionDeniedError, RateLimitedError, ServiceUnavailableError
 from lib.tokens import TokenService
 
@@ -182,3 +183,45 @@ def test_usage_record_fields_and_bounds() -> None:
     plain = usage_record(Admission(PRINCIPAL, None), endpoint="GET /v1/models", status_code=403,
                          latency_ms=2.5)
     assert plain.model_id is None and plain.image_count == 0 and plain.timestamp.tzinfo is not None
+
+
+def test_a_cached_key_is_admitted_on_the_event_loop_and_a_miss_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The common case (the key is in the cache) costs no thread hop; only a miss blocks."""
+    lookups: list[str] = []
+
+    def lookup_by_hash(key_hash: str) -> KeyRecord | None:
+        lookups.append(key_hash)
+        return stored_record() if key_hash == hash_api_key(STORED_KEY) else None
+
+    cache = KeyCache(lookup_by_hash, ttl_s=60)
+    authenticator = Authenticator(
+        tokens=TokenService(SECRET, "iss", "aud"), lookup_key=cache.get, clock=lambda: NOW
+    )
+    gate = RequestGate(authenticator=authenticator, limiter=RecordingLimiter())
+    threads: list[object] = []
+    real_to_thread = asyncio.to_thread
+
+    async def counting_to_thread(fn: Any, *args: Any) -> Any:
+        threads.append(fn)
+        return await real_to_thread(fn, *args)
+
+    monkeypatch.setattr("lib.accounts.gate.asyncio.to_thread", counting_to_thread)
+    first = admit(gate, STORED_KEY)
+    second = admit(gate, STORED_KEY)
+    assert first.principal.subject == second.principal.subject == "k1"
+    assert len(threads) == 1 and len(lookups) == 1  # the miss went to a thread, the hit did not
+    with pytest.raises(AuthenticationError):
+        admit(gate, "ss_" + "X" * 43)  # unknown: a miss, looked up in a thread, then refused
+    assert len(threads) == 2
+
+
+def test_the_admission_times_its_stages_for_server_timing() -> None:
+    gate, _ = make_gate(RecordingLimiter())
+    admission = admit(gate, STORED_KEY)
+    assert set(admission.timings) == {"auth", "limit"}
+    assert all(ms >= 0 for ms in admission.timings.values())
+    admission.timings["model"] = 12.5
+    header = admission.server_timing(20.0)
+    assert header.startswith("auth;dur=") and header.endswith("model;dur=12.50, app;dur=20.00")

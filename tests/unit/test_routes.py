@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from deployments.ingress import create_api
 from deployments.model_clients import ModelClients
 from lib.accounts.auth import bootstrap_subject
-from lib.accounts.rate_limit import RateDecision, SlidingWindowLimiter
+from lib.accounts.rate_limit import Grant, SlidingWindowLimiter
 from lib.accounts.settings import AccountsSettings
 from lib.accounts.wiring import AccountsWiring, build_accounts
 from lib.errors import ModelNotFoundError
@@ -44,8 +44,8 @@ class LocalLimiter:
     def __init__(self) -> None:
         self._limiter = SlidingWindowLimiter()
 
-    async def hit(self, key: str, limit: int, window_s: int) -> RateDecision:
-        return self._limiter.hit(key, limit, window_s)
+    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant:
+        return self._limiter.take(key, limit, window_s, count)
 
 
 @dataclass
@@ -122,7 +122,7 @@ def test_models_need_a_credential_and_answer_with_rate_headers(ingress: Ingress)
     assert error["message"] and "X-RateLimit-Limit" not in ingress.client.get("/v1/models").headers
     listed = ingress.client.get("/v1/models", headers=bearer())
     assert listed.status_code == 200
-    assert listed.json()["count"] == 1 and listed.json()["models"][0]["id"] == MODEL
+    assert listed.json()["count"] == 2 and listed.json()["models"][0]["id"] == MODEL
     assert all(name in listed.headers for name in RATE_HEADERS)
     assert listed.headers["X-RateLimit-Limit"] == "100"
     one = ingress.client.get(f"/v1/models/{MODEL}", headers=bearer())
@@ -186,9 +186,16 @@ def test_an_unexpected_error_is_a_generic_500_with_rate_headers_and_one_record(i
 
 def test_a_model_error_keeps_its_status(ingress: Ingress) -> None:
     ingress.text_to_image.methods["generate"] = raising(ModelNotFoundError("no model 'x'"))
-    body = {"id": "r1", "model_id": "x", "prompt": "a cat"}
+    body = {"id": "r1", "model_id": MODEL, "prompt": "a cat"}
     response = ingress.client.post("/v1/infer", json=body, headers=bearer())
     assert error_of(response, 404, "model_not_found")["message"] == "no model 'x'"
+
+
+def test_an_unknown_model_is_404_before_any_model_call(ingress: Ingress) -> None:
+    body = {"id": "r1", "model_id": "x", "prompt": "a cat"}
+    response = ingress.client.post("/v1/infer", json=body, headers=bearer())
+    assert error_of(response, 404, "model_not_found")["message"] == "model 'x' is not in the catalog"
+    assert ingress.text_to_image.calls == []
 
 
 def test_token_exchange_is_not_cached_and_a_token_cannot_renew_itself(ingress: Ingress) -> None:

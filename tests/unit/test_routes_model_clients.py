@@ -18,7 +18,13 @@ from deployments.handles import MultiplexedHandles, result_within
 from deployments.model_clients import ModelClients
 from lib.accounts.auth import Principal
 from lib.accounts.gate import Admission
-from lib.errors import GatewayTimeoutError, ModelNotFoundError, ServiceUnavailableError
+from lib.errors import (
+    GatewayTimeoutError,
+    InvalidImageError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+    WrongModelKindError,
+)
 from lib.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -95,11 +101,15 @@ class FakeLoader:
     """NodeLoader's side the ingress uses: models(), call("get" | "errors")."""
 
     def __init__(self, models: list[ModelInfo] | None = None, errors: dict[str, str] | None = None) -> None:
-        self.catalog = models if models is not None else [model_info(MODEL, "text-to-image")]
+        self.catalog = models if models is not None else [
+            model_info(MODEL, "text-to-image"), model_info(CLASSIFIER, "image-classification"),
+        ]
+        self.models_calls = 0
         self.errors = errors or {}
         self.fail: BaseException | None = None
 
     async def models(self) -> list[ModelInfo]:
+        self.models_calls += 1
         if self.fail is not None:
             raise self.fail
         return list(self.catalog)
@@ -117,9 +127,9 @@ class FakeLoader:
         raise AssertionError(f"unexpected loader call {method}")
 
 
-def model_info(model_id: str, kind: str) -> ModelInfo:
+def model_info(model_id: str, kind: str, name: str | None = None) -> ModelInfo:
     return ModelInfo(
-        id=model_id, name=f"model-{model_id[:4]}", size=1, path="/m", extension="", kind=kind,
+        id=model_id, name=name or f"model-{model_id[:4]}", size=1, path="/m", extension="", kind=kind,
         status="available",
     )
 
@@ -147,8 +157,14 @@ def text_to_image(**overrides: Callable[..., Any]) -> FakeHandle:
     return FakeHandle({"generate": generated, "health": healthy("TextToImage"), **overrides})
 
 
+def classified_many(requests: list[ClassifyRequest]) -> list[ClassifyResponse]:
+    return [classified(request) for request in requests]
+
+
 def classifier(**overrides: Callable[..., Any]) -> FakeHandle:
-    return FakeHandle({"classify": classified, "health": healthy("ImageClassifier"), **overrides})
+    return FakeHandle(
+        {"classify_many": classified_many, "health": healthy("ImageClassifier"), **overrides}
+    )
 
 
 def clients(
@@ -191,16 +207,66 @@ def test_generate_calls_the_handle_for_its_model_and_fills_the_usage() -> None:
     assert (used.model_id, used.image_count) == (MODEL, 2)
 
 
-def test_classify_uses_the_base_handle_without_a_model_and_records_the_model_that_did_it() -> None:
+def test_classify_resolves_the_model_routes_by_its_id_and_records_the_model_that_did_it() -> None:
     clf = classifier()
     used = admission()
     result = asyncio.run(clients(clf=clf).classify(ClassifyRequest(image="aGk="), used))
     assert result.model == CLASSIFIER
-    assert [(method, model_id) for method, model_id, _ in clf.calls] == [("classify", None)]
-    assert clf.options_calls == []
+    [(method, model_id, (sent,))] = clf.calls
+    assert (method, model_id, [r.model_id for r in sent]) == ("classify_many", CLASSIFIER, [CLASSIFIER])
+    assert clf.options_calls == [CLASSIFIER]  # the default model, routed by its id
     assert (used.model_id, used.image_count) == (CLASSIFIER, 1)
-    asyncio.run(clients(clf=clf).classify(ClassifyRequest(image="aGk=", model_id="resnet"), admission()))
-    assert clf.calls[-1][1] == "resnet"
+    resnet = "r" * 64
+    loader = FakeLoader([model_info(resnet, "image-classification", name="resnet")])
+    by_name = asyncio.run(
+        clients(clf=clf, loader=loader).classify(
+            ClassifyRequest(image="aGk=", model_id="resnet"), admission()
+        )
+    )
+    assert clf.calls[-1][1] == resnet and by_name.model == CLASSIFIER  # the fake answers as CLASSIFIER
+
+
+def test_concurrent_classify_requests_travel_in_one_call_per_model() -> None:
+    clf = classifier()
+    models = clients(clf=clf)
+
+    async def burst() -> list[ClassifyResponse]:
+        first = await models.classify(ClassifyRequest(image="aGk="), admission())  # fills the catalog
+        rest = await asyncio.gather(
+            *(models.classify(ClassifyRequest(image="aGk="), admission()) for _ in range(10))
+        )
+        return [first, *rest]
+
+    assert len(asyncio.run(burst())) == 11
+    assert len(clf.calls[0][2][0]) == 1  # the first, alone, left at once
+    assert len(clf.calls) < 11  # the ten concurrent ones shared calls
+
+
+def test_one_bad_image_in_a_batch_fails_only_its_own_request() -> None:
+    def some_bad(requests: list[ClassifyRequest]) -> list[Any]:
+        return [InvalidImageError("not an image") if r.image == "YmFk" else classified(r) for r in requests]
+
+    models = clients(clf=classifier(classify_many=some_bad))
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(
+            models.classify(ClassifyRequest(image="YmFk"), admission()),
+            models.classify(ClassifyRequest(image="aGk="), admission()),
+            return_exceptions=True,
+        )
+
+    bad, good = asyncio.run(both())
+    assert isinstance(bad, InvalidImageError) and isinstance(good, ClassifyResponse)
+
+
+def test_unknown_and_wrong_kind_models_are_answered_before_any_model_call() -> None:
+    t2i, clf = text_to_image(), classifier()
+    models = clients(t2i, clf)
+    with pytest.raises(ModelNotFoundError):
+        asyncio.run(models.generate(infer_request("no-such-model"), admission()))
+    with pytest.raises(WrongModelKindError):
+        asyncio.run(models.classify(ClassifyRequest(image="aGk=", model_id=MODEL), admission()))
+    assert t2i.calls == [] and clf.calls == []
 
 
 def test_configured_handles_are_made_once_per_model() -> None:
@@ -211,6 +277,8 @@ def test_configured_handles_are_made_once_per_model() -> None:
         for model_id in ("m1", "m2", "m1", "m1", "m2"):
             await models.generate(infer_request(model_id), admission())
 
+    loader = FakeLoader([model_info("m1", "text-to-image"), model_info("m2", "text-to-image")])
+    models = clients(t2i, loader=loader)
     asyncio.run(run())
     assert t2i.options_calls == ["m1", "m2"]
     assert [model_id for _, model_id, _ in t2i.calls] == ["m1", "m2", "m1", "m1", "m2"]
@@ -246,7 +314,7 @@ def test_an_error_the_model_raised_reaches_the_caller_as_itself() -> None:
 
 def test_health_is_ok_when_every_part_answers() -> None:
     health = asyncio.run(clients().health())
-    assert (health.status, health.ready, health.device, health.models) == ("ok", True, "cpu", 1)
+    assert (health.status, health.ready, health.device, health.models) == ("ok", True, "cpu", 2)
     assert [d.deployment for d in health.deployments] == ["TextToImage", "ImageClassifier"]
     assert health.errors == []
 
