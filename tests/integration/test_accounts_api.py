@@ -471,9 +471,15 @@ def _ingress_logs() -> list[Path]:
     return sorted((ray_logs_dir() / "serve").glob(f"replica_{APP_NAME}_Ingress_*.log"))
 
 
-def _drain_lines() -> list[str]:
-    return [line for path in _ingress_logs() for line in path.read_text(errors="replace").splitlines()
-            if "usage recorder closed" in line]
+def _drain_lines() -> list[tuple[str, int, str]]:
+    """(log file, line number, line) of every usage drain line, so that new ones can be told from
+    old ones whichever replica log file they land in."""
+    return [
+        (path.name, number, line)
+        for path in _ingress_logs()
+        for number, line in enumerate(path.read_text(errors="replace").splitlines())
+        if "usage recorder closed" in line
+    ]
 
 
 def test_zz_usage_is_recorded_and_drained_on_graceful_shutdown(
@@ -506,7 +512,7 @@ def test_zz_usage_is_recorded_and_drained_on_graceful_shutdown(
             classifier = response.json()["model"]
     assert mixed_statuses == [200, 422, 403, 403, 200, 429]
 
-    drained_before = len(_drain_lines())
+    drained_before = set(_drain_lines())
     assert store.usage_summary(key_id=busy["id"]).total_requests == 0  # all still queued in memory
     serve.delete(APP_NAME)  # graceful: drain requests, then each ingress replica's __del__
 
@@ -521,7 +527,7 @@ def test_zz_usage_is_recorded_and_drained_on_graceful_shutdown(
     assert mixed_usage.by_model == {str(classifier): 2}
     assert mixed_usage.total_images == 2
     # Both replicas drained their queues in __del__, with nothing left behind.
-    drained = _drain_lines()[drained_before:]
+    drained = [entry[2] for entry in _drain_lines() if entry not in drained_before]
     assert len(drained) == 2, drained
     assert all(" 0 unwritten, 0 dropped" in line for line in drained), drained
     queued = [int(re.search(r"(\d+) queued at shutdown", line).group(1)) for line in drained]  # type: ignore[union-attr]
