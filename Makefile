@@ -54,6 +54,7 @@ bench: install-test
 	$(PIP) install --quiet -e ".[test,bench]"
 	$(PY) -m bench.sealing
 	$(PY) -m bench.sealed_fetch
+	$(PY) -m bench.request_path
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -9,6 +9,7 @@ A row is a dict with at least ``name`` (str), ``bytes`` (int, the payload the st
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -22,8 +23,8 @@ REPORTS_DIR = Path(__file__).resolve().parent / "reports"
 MB = 1 << 20
 
 
-def _environment() -> dict[str, Any]:
-    # Figures mean little without the machine and the crypto library that produced them.
+def environment() -> dict[str, Any]:
+    """The machine and the crypto library that produced the figures (they mean little without)."""
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -100,7 +101,7 @@ def write_report(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "baseline": baseline_key,
         "params": params or {},
-        "environment": _environment(),
+        "environment": environment(),
         "rows": rows,
     }
     json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -111,3 +112,30 @@ def write_report(
     else:
         print("matplotlib is not installed: skipped the PNG (the JSON has every figure)")
     return json_path
+
+
+# Kept for callers of the earlier private name.
+_environment = environment
+
+
+def write_json(name: str, report: dict[str, Any], *, reports_dir: Path = REPORTS_DIR) -> Path:
+    """Write a free-form ``report`` as ``<reports_dir>/<name>.json``, with ``name``, ``created`` and
+    ``environment`` filled in when absent (for benches whose rows are not MB/s figures)."""
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    full = {"name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment()}
+    full.update(report)
+    json_path = reports_dir / f"{name}.json"
+    json_path.write_text(json.dumps(_finite(full), indent=2, default=str, allow_nan=False) + "\n")
+    print(f"wrote {json_path}")
+    return json_path
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: they are not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

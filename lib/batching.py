@@ -68,5 +68,5 @@ class MicroBatcher(Generic[T, R]):
                 if not future.done():
                     future.set_exception(exc)
         finally:
-            self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._in_flight.discard(asyncio.current_task())
             self._start_batches()
