@@ -8,16 +8,19 @@ improves routing to a replica that already holds the model; ``req.model_id`` dec
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from ray import serve
 
 from deployments.model_replica import ModelReplica
 from lib.models.catalog import require_kind
 from lib.models.text_to_image import generate, load_pipeline, resolve_params
 from lib.schemas import InferRequest, InferResponse, ModelInfo
+from lib.settings import AppSettings
 
 MODELS_PER_REPLICA = 2
 
@@ -33,6 +36,14 @@ class LoadedPipeline:
 @serve.deployment
 class TextToImage(ModelReplica):
     deployment_name = "TextToImage"
+
+    def __init__(self, settings: AppSettings) -> None:
+        super().__init__(settings)
+        # One generation at a time per pipeline, so its denoising steps may use every core:
+        # bench/request_path.py measured a 1-thread replica (Ray's default for num_cpus=1) at
+        # ~1.5x the time of a direct diffusers call on 2 threads; with both it is ~1.0x.
+        threads = settings.generation_threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> LoadedPipeline:

@@ -33,6 +33,7 @@ ENV_VARS: dict[str, str] = {
     "default_guidance_scale": "DEFAULT_GUIDANCE_SCALE",
     "cors_origins": "CORS_ORIGINS",
     "request_timeout_s": "REQUEST_TIMEOUT_S",
+    "generation_threads": "GENERATION_THREADS",
 }
 
 MIN_API_KEY_CHARS = 32
@@ -74,6 +75,14 @@ class AppSettings(BaseModel):
     )
     cors_origins: list[str] = Field(
         default_factory=lambda: ["*"], description="Allowed CORS origins (comma-separated)."
+    )
+    generation_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="CPU threads a text-to-image replica gives one generation (torch intra-op "
+        "threads); default: every core of its node. Ray would otherwise give it one per CPU it "
+        "reserved. No effect on a GPU.",
     )
     request_timeout_s: float = Field(
         300.0, gt=0, description="Longest time the ingress waits for a model deployment."

@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,8 @@ from lib.preflight import preflight
 from lib.settings import DEV_API_KEY_FILE, AppSettings
 
 BUILD_APP = "deployments.app:build_app"
+# Serve's own `serve run`, on a local Ray without the dashboard unless --dashboard is given.
+LOCAL_SERVE = "deployments.local_serve"
 # No hub downloads and no usage reporting: model sources are configuration, and the machine
 # running this may be offline.
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -40,6 +43,12 @@ QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STAT
 # it, 129 req/s with it behind Serve's Python proxy, 188 req/s with HAProxy in front.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 HAPROXY = "haproxy"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def serve_env(state_dir: Path, environ: Mapping[str, str], haproxy: str | None) -> dict[str, str]:
@@ -63,6 +72,12 @@ def serve_env(state_dir: Path, environ: Mapping[str, str], haproxy: str | None) 
                 "RAY_SERVE_HAPROXY_SOCKET_PATH": str(private / "admin.sock"),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(private),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(private / "server-state"),
+                # HAProxy's stats page and Prometheus endpoint listen on every interface (Ray
+                # does not make that configurable): free ports, so that two instances on one
+                # machine (a bench beside a dev server) do not collide; docs/architecture.md
+                # says to firewall them like Ray's own ports.
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             }
         )
     return {**env, **environ}
@@ -80,6 +95,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--port", type=int, default=None, help="HTTP port (default: $PORT, else the config's)"
     )
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for ready")
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="also start Ray's dashboard (off by default: it holds ~1.2 GiB on a small machine)",
+    )
     parser.set_defaults(func=run_serve)
 
 
@@ -116,12 +136,14 @@ def run_serve(args: argparse.Namespace) -> int:
     http = config["http_options"]
     wildcard = http["host"] in ("0.0.0.0", "::")  # noqa: S104 - detecting it, not binding
     url = f"http://{'127.0.0.1' if wildcard else http['host']}:{http['port']}"
-    serve_bin = Path(sys.executable).with_name("serve")
     haproxy = shutil.which(HAPROXY)
     env = serve_env(settings.state_path, os.environ, haproxy)
     front = "HAProxy" if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's HTTP proxy"
     print(f"starting Ray Serve with {args.config} on {url} ({front} in front) ...", flush=True)
-    process = subprocess.Popen([str(serve_bin), "run", str(run_config)], env=env)  # noqa: S603
+    command = [sys.executable, "-m", LOCAL_SERVE, str(run_config)]
+    if args.dashboard:
+        command.append("--dashboard")
+    process = subprocess.Popen(command, env=env)  # noqa: S603
     try:
         if wait_until_ready(url, process, args.ready_timeout):
             print(banner(url, settings), flush=True)

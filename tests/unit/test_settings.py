@@ -33,6 +33,7 @@ PRECEDENCE_CASES: dict[str, tuple[Any, str, Any]] = {
     "default_guidance_scale": (3.0, "9.5", 9.5),
     "cors_origins": (["https://args.example"], "https://env.example", ["https://env.example"]),
     "request_timeout_s": (11.0, "99.5", 99.5),
+    "generation_threads": (3, "2", 2),
 }
 
 
