@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help install install-test serve test test-unit test-integration lint bench clean
+.PHONY: help install install-test system-deps serve test test-unit test-integration lint bench clean
 
 help:
 	@echo "make serve   set up .venv, build demo models if needed, start the service on PORT ($(PORT))"
@@ -33,7 +33,16 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-serve: install
+# HAProxy fronts Serve's high-throughput mode (docs/architecture.md, "The request path"). As root
+# with apt-get it is installed from the system's packages; elsewhere Serve's own proxy is used.
+system-deps:
+	@command -v haproxy >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq haproxy) >/dev/null 2>&1 \
+	      || echo "note: haproxy could not be installed; Serve's own HTTP proxy will be used"; \
+	  else echo "note: haproxy is not installed; Serve's own HTTP proxy will be used (slower)"; fi; }
+
+serve: install system-deps
 	$(VENV)/bin/sealserve demo-models --dir ai-models --if-missing
 	$(VENV)/bin/sealserve serve --config serve_config.yaml --port $(PORT)
 
@@ -50,7 +59,7 @@ lint: install-test
 	$(VENV)/bin/ruff check deployments lib tests bench devservers
 	$(VENV)/bin/mypy
 
-bench: install-test
+bench: install-test system-deps
 	$(PIP) install --quiet -e ".[test,bench]"
 	$(PY) -m bench.sealing
 	$(PY) -m bench.sealed_fetch
