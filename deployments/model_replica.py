@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from typing import Any, ClassVar
 
+import ray
+
 from deployments.model_loader import NodeLoader
-from lib.models.device import detect_device
+from lib.models.device import GpuAssignment, detect_device
 from lib.schemas import DeploymentHealth
 from lib.settings import AppSettings
+
+log = logging.getLogger("ray.serve")
+
+
+def ray_gpu_assignment() -> GpuAssignment | None:
+    """The GPUs Ray reserved for this replica (none outside a Ray worker)."""
+    if not ray.is_initialized():
+        return None
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    return GpuAssignment.of(ray.get_gpu_ids(), share, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 class ModelReplica:
@@ -18,7 +32,10 @@ class ModelReplica:
 
     def __init__(self, settings: AppSettings) -> None:
         self._settings = settings
-        self._device = detect_device()
+        self._device = detect_device(ray_gpu_assignment())
+        if self._device.warning:
+            # Once per replica; /health repeats it for as long as the replica runs.
+            log.warning("%s: %s", self.deployment_name, self._device.warning)
         self._loader = NodeLoader.for_this_replica(settings)
         # Weak: an entry disappears when multiplexing evicts the model.
         self._loaded: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
@@ -35,4 +52,5 @@ class ModelReplica:
             device=self._device.kind,
             dtype=self._device.dtype_name,
             loaded_models=sorted(self._loaded.keys()),
+            warning=self._device.warning,
         )

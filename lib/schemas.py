@@ -141,6 +141,11 @@ class DeploymentHealth(BaseModel):
     device: str
     dtype: str
     loaded_models: list[str]
+    warning: str | None = Field(
+        default=None,
+        description="Why the replica runs where it does when that is not what was asked for, e.g. "
+        "a GPU assigned by Ray while CUDA is not available (it then runs on CPU).",
+    )
 
 
 class Health(BaseModel):

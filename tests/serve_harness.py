@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -26,6 +29,8 @@ READER_EMAIL = "reader@sealserve.test"
 READER_PASSWORD = "reader-password-for-tests-0123456789"
 APP_NAME = "sealserve"
 READY_TIMEOUT_S = 240
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -113,3 +118,129 @@ def wait_ready(instance: ServeInstance, timeout: float = READY_TIMEOUT_S) -> dic
             last = exc
         time.sleep(0.5)
     raise TimeoutError(f"sealserve not ready after {timeout}s: {last}")
+
+
+# --- helpers for modules that need their own Ray, replica counts and load ------------------------
+
+
+@contextmanager
+def own_ray(*, num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A Ray of this module's own shape (e.g. one logical GPU), in-process like :func:`start_ray`.
+
+    The session's Ray is shut down first (the next module's :func:`start_ray` starts it again);
+    this one is shut down at the end, with every process it started. ``env`` is added to the
+    environment its processes inherit, and taken away again afterwards.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.update(worker_environment())
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        ray.init(
+            num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
+            namespace="sealserve-tests",
+        )
+        yield
+    finally:
+        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def replica_states(deployment: str, app: str = APP_NAME) -> dict[str, int]:
+    """How many replicas of ``deployment`` are in each state (``{"RUNNING": 2}``), from serve.status()."""
+    from ray import serve
+
+    application = serve.status().applications.get(app)
+    if application is None or deployment not in application.deployments:
+        return {}
+    states = application.deployments[deployment].replica_states
+    return {str(getattr(state, "value", state)): count for state, count in states.items() if count}
+
+
+def wait_for(
+    probe: Callable[[], T],
+    done: Callable[[T], bool],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.5,
+    context: Callable[[], Any] | None = None,
+) -> T:
+    """Call ``probe`` until ``done(result)``; AssertionError with the last result (and what
+    ``context`` says then) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if done(result):
+            return result
+        if time.monotonic() > deadline:
+            more = f"; {context()!r}" if context is not None else ""
+            raise AssertionError(f"{what}: not reached within {timeout:g}s; last seen {result!r}{more}")
+        time.sleep(interval)
+
+
+def deployment_status(deployment: str, app: str = APP_NAME) -> tuple[str, str]:
+    """(status, message) of ``deployment`` in serve.status(), e.g. ("UPSCALING", "Upscaling from 1 to 3")."""
+    from ray import serve
+
+    application = serve.status().applications.get(app)
+    if application is None or deployment not in application.deployments:
+        return "", ""
+    status = application.deployments[deployment]
+    return str(getattr(status.status, "value", status.status)), status.message
+
+
+@dataclass
+class LoadStats:
+    """What a :func:`background_load` has sent so far: status codes (0: no response) by count."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def sent(self) -> int:
+        with self.lock:
+            return sum(self.statuses.values())
+
+    def snapshot(self) -> dict[int, int]:
+        with self.lock:
+            return dict(self.statuses)
+
+
+@contextmanager
+def background_load(send: Callable[[], int], *, clients: int, max_requests: int) -> Iterator[LoadStats]:
+    """``clients`` threads call ``send`` (which returns an HTTP status) back to back, in a closed
+    loop, until the block ends or ``max_requests`` have been sent; leaving the block waits for the
+    requests in flight."""
+    stats = LoadStats()
+    stop = threading.Event()
+    budget = iter(range(max_requests))
+    budget_lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            with budget_lock:
+                if next(budget, None) is None:
+                    return
+            try:
+                status = send()
+            except Exception:  # a refused or timed-out connection counts as a failed request
+                status = 0
+            with stats.lock:
+                stats.statuses[status] += 1
+
+    with ThreadPoolExecutor(max_workers=clients, thread_name_prefix="load") as pool:
+        futures = [pool.submit(client) for _ in range(clients)]
+        try:
+            yield stats
+        finally:
+            stop.set()
+            for future in futures:
+                future.result()
