@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import ray
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a Serve config file, as for serve run / serve deploy")
     parser.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too")
     args = parser.parse_args(argv)
+    # serve run stops Serve on KeyboardInterrupt; a shell that started us in the background left
+    # SIGINT ignored, and SIGTERM (a process manager's stop) deserves the same graceful path.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.default_int_handler(_signum, _frame))
     address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=address,

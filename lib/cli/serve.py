@@ -143,6 +143,10 @@ def run_serve(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", LOCAL_SERVE, str(run_config)]
     if args.dashboard:
         command.append("--dashboard")
+    # Ctrl-C, and what a process manager sends (SIGTERM), both stop the service gracefully; SIGINT
+    # is restored because a shell starting us in the background leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     process = subprocess.Popen(command, env=env)  # noqa: S603
     try:
         if wait_until_ready(url, process, args.ready_timeout):
@@ -156,6 +160,10 @@ def run_serve(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
