@@ -63,6 +63,7 @@ bench: install-test system-deps
 	$(PIP) install --quiet -e ".[test,bench]"
 	$(PY) -m bench.sealing
 	$(PY) -m bench.sealed_fetch
+	$(PY) -m bench.fleet
 	$(PY) -m bench.request_path
 
 clean:

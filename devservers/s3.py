@@ -10,18 +10,26 @@ multipart uploads can interleave entries and corrupt the log. A proxy sees every
 as the client sent it, so it can count per key and per ``Range``.
 
 How downloads are counted (``download_count``): a download is a *successful GET of the object
-that starts at byte 0* — a GET with no ``Range`` header (``download_file_simple``) or with
-``Range: bytes=0-...`` (the first range of a parallel ranged ``download_file``). Every download
-fetches byte 0 exactly once, however many ranges it uses, and HEAD requests (``exists``,
-``object_size``) do not count. Failed responses (4xx/5xx, or 502 when moto is unreachable) are
-not counted, so a first range retried after an error still counts once; only a range whose body
-broke *after* a 2xx status and was retried would count twice.
+that starts at byte 0* — a GET with no ``Range`` header (one streamed GET) or with
+``Range: bytes=0-...`` (the first range of parallel ranged GETs). Every download fetches byte 0
+exactly once, however many ranges it uses, and HEAD requests (``exists``, ``object_size``) do not
+count. Failed responses (4xx/5xx, or 502 when moto is unreachable) are not counted, so a first
+range retried after an error still counts once; a fetch that resumes after a broken body asks
+from a later byte, so it does not count again.
+
+Faults, for the tests of what a client does when the store misbehaves: ``cut_responses`` makes
+the proxy break the body of the next GETs of an object after a number of bytes (the headers
+announced the full length, so the client sees a connection dropped mid-stream), optionally
+taking the store down right after; ``set_down`` makes it drop every request unanswered, as a
+dead server would. Bodies are relayed as they arrive (1 MiB at a time), never held whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,15 +54,33 @@ _HOP_BY_HOP = frozenset({
 })
 
 
+RELAY_CHUNK = 1 << 20
+
+
 @dataclass(frozen=True)
 class RecordedRequest:
-    """One request as the proxy forwarded it; ``path`` is percent-decoded and has no query."""
+    """One request as the proxy forwarded it; ``path`` is percent-decoded and has no query.
+
+    ``sent`` is the body bytes relayed to the client so far; ``cut`` whether the proxy broke the
+    body off on purpose (:meth:`S3Server.cut_responses`); status 0: dropped unanswered (down).
+    """
 
     method: str
     path: str
     query: str
     range: str | None
     status: int
+    sent: int = 0
+    cut: bool = False
+    if_match: str | None = None
+
+
+@dataclass
+class _Cut:
+    path: str
+    after_bytes: int
+    times: int
+    then_down: bool
 
 
 class _CountingProxy(ThreadingHTTPServer):
@@ -65,10 +91,27 @@ class _CountingProxy(ThreadingHTTPServer):
         self.upstream_port = upstream_port
         self.lock = threading.Lock()
         self.records: list[RecordedRequest] = []
+        self.cuts: list[_Cut] = []
+        self.down = False
 
-    def record(self, entry: RecordedRequest) -> None:
+    def record(self, entry: RecordedRequest) -> int:
         with self.lock:
             self.records.append(entry)
+            return len(self.records) - 1
+
+    def update(self, index: int, **changes: object) -> None:
+        with self.lock:
+            if index < len(self.records):  # reset_counts may have cleared it meanwhile
+                self.records[index] = dataclasses.replace(self.records[index], **changes)  # type: ignore[arg-type]
+
+    def take_cut(self, method: str, path: str) -> _Cut | None:
+        """The cut rule for this response, if any; each rule cuts ``times`` responses."""
+        with self.lock:
+            for rule in self.cuts:
+                if method == "GET" and rule.path == path and rule.times > 0:
+                    rule.times -= 1
+                    return rule
+        return None
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -93,44 +136,104 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    def _drop(self) -> None:
+        """Close the client's connection at once: no answer, or the rest of a body never comes."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _forward(self) -> None:
         body = self._read_body()
         split = urlsplit(self.path)
-        status, reason, headers, data = 502, "Bad Gateway", [], b"moto server unreachable"
+        path = unquote(split.path)
+        entry = RecordedRequest(
+            method=self.command, path=path, query=split.query, range=self.headers.get("Range"), status=0,
+            if_match=self.headers.get("If-Match"),
+        )
+        if self.server.down:
+            self.server.record(entry)
+            self._drop()
+            return
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
         try:
-            # skip_host: keep the client's Host header, which its SigV4 signature covers.
-            upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-            for name, value in self.headers.items():
-                if name.lower() not in _HOP_BY_HOP:
-                    upstream.putheader(name, value)
-            if body or self.command in ("PUT", "POST"):
-                upstream.putheader("Content-Length", str(len(body)))
-            upstream.endheaders(body or None)
-            response = upstream.getresponse()
-            status, reason, headers = response.status, response.reason, response.getheaders()
-            data = response.read()
-        except OSError:
-            headers = [("Content-Type", "text/plain")]
+            try:
+                response = self._ask_upstream(upstream, body)
+            except OSError:
+                index = self.server.record(dataclasses.replace(entry, status=502))
+                self._answer(502, "Bad Gateway", [("Content-Type", "text/plain")], b"moto server unreachable")
+                self.server.update(index, sent=len(b"moto server unreachable"))
+                return
+            index = self.server.record(dataclasses.replace(entry, status=response.status))
+            self._relay(response, index, path)
         finally:
             upstream.close()
-        self.server.record(RecordedRequest(
-            method=self.command, path=unquote(split.path), query=split.query,
-            range=self.headers.get("Range"), status=status,
-        ))
+
+    def _ask_upstream(self, upstream: http.client.HTTPConnection, body: bytes) -> http.client.HTTPResponse:
+        # skip_host: keep the client's Host header, which its SigV4 signature covers.
+        upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+        for name, value in self.headers.items():
+            if name.lower() not in _HOP_BY_HOP:
+                upstream.putheader(name, value)
+        if body or self.command in ("PUT", "POST"):
+            upstream.putheader("Content-Length", str(len(body)))
+        upstream.endheaders(body or None)
+        return upstream.getresponse()
+
+    def _answer(self, status: int, reason: str, headers: list[tuple[str, str]], data: bytes) -> None:
         self.send_response_only(status, reason)
-        upstream_length = None
         for name, value in headers:
-            if name.lower() == "content-length":
-                upstream_length = value
-            elif name.lower() not in _HOP_BY_HOP:
-                self.send_header(name, value)
-        # A HEAD answer announces the object's length but carries no body: keep moto's figure.
-        self.send_header("Content-Length", upstream_length if self.command == "HEAD" and upstream_length
-                         else str(len(data)))
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        if self.command != "HEAD":
+        self.wfile.write(data)
+
+    def _relay(self, response: http.client.HTTPResponse, index: int, path: str) -> None:
+        headers = response.getheaders()
+        length = response.getheader("Content-Length")
+        self.send_response_only(response.status, response.reason)
+        for name, value in headers:
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        if self.command == "HEAD":
+            # A HEAD answer announces the object's length but carries no body: keep moto's figure.
+            self.send_header("Content-Length", length or "0")
+            self.end_headers()
+            return
+        if length is None:  # moto chunked it: relay it whole, with a length
+            data = response.read()
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self._write(data, index, 0)
+            return
+        self.send_header("Content-Length", length)
+        self.end_headers()
+        cut = self.server.take_cut(self.command, path) if 200 <= response.status < 300 else None
+        sent = 0
+        while True:
+            chunk = response.read(RELAY_CHUNK if cut is None else min(RELAY_CHUNK, cut.after_bytes - sent))
+            if not chunk:
+                return
+            if not self._write(chunk, index, sent):
+                return
+            sent += len(chunk)
+            if cut is not None and sent >= cut.after_bytes:
+                if cut.then_down:
+                    self.server.down = True
+                self.server.update(index, sent=sent, cut=True)
+                self._drop()
+                return
+
+    def _write(self, data: bytes, index: int, sent: int) -> bool:
+        try:
             self.wfile.write(data)
+        except OSError:  # the client went away (it closed a stream it no longer needed)
+            self.close_connection = True
+            return False
+        self.server.update(index, sent=sent + len(data))
+        return True
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
@@ -179,6 +282,24 @@ class S3Server:
     def reset_counts(self) -> None:
         with self._proxy.lock:
             self._proxy.records.clear()
+
+    def cut_responses(self, bucket: str, key: str, after_bytes: int, *, times: int = 1,
+                      then_down: bool = False) -> None:
+        """Break the body of the next ``times`` successful GETs of ``bucket/key`` after ``after_bytes``
+        bytes, by closing the connection; with ``then_down``, go down (``set_down``) right after."""
+        if after_bytes < 1 or times < 1:
+            raise ValueError("after_bytes and times must be at least 1")
+        with self._proxy.lock:
+            self._proxy.cuts.append(_Cut(f"/{bucket}/{key}", after_bytes, times, then_down))
+
+    def set_down(self, down: bool = True) -> None:
+        """While down, every request's connection is closed unanswered (recorded with status 0)."""
+        self._proxy.down = down
+
+    def clear_faults(self) -> None:
+        with self._proxy.lock:
+            self._proxy.cuts.clear()
+        self._proxy.down = False
 
     def request_count(self, method: str, path_prefix: str) -> int:
         """Requests with this method whose decoded path (``/bucket/key``) starts with the prefix."""

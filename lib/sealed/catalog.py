@@ -20,7 +20,7 @@ from typing import Any
 from lib.errors import ModelNotFoundError, ModelUnavailableError
 from lib.retry import RetryPolicy
 from lib.schemas import ModelInfo
-from lib.sealed.fetch import BigPartSource, ResourceSource, SealedFetcher, SealedRef
+from lib.sealed.fetch import BigPartSource, ResourceSource, SealedFetcher, SealedRef, TransferPlan
 from lib.sealed.fingerprint import node_fingerprint
 from lib.sealed.node_cache import SealedModelCache, describe, process_cache_dir
 from lib.sealed.resource_client import ResourceClient
@@ -90,6 +90,12 @@ class SealedCatalog:
             resources or resource_client_from_env(settings),
             fingerprint=fingerprint or node_fingerprint(),
             cdn_factory=cdn_factory or self._cdn_client,
+            plan=TransferPlan(
+                single_get_max_bytes=settings.single_get_max_mb * MiB,
+                range_bytes=settings.part_size_mb * MiB,
+                workers=settings.download_workers,
+                retry=RetryPolicy(attempts=settings.retry_attempts),
+            ),
         )
         self.cache = SealedModelCache(
             process_cache_dir(Path(settings.cache_dir), owner),
@@ -161,8 +167,10 @@ class SealedCatalog:
         # listing, the fetch fails its id check (503) until the next refresh lists it.
         if ref.id is None:
             ref = dataclasses.replace(ref, id=model_id)
+        with self._lock:
+            hint = self._manifests.get(ref.location)
         try:
-            path, manifest = self.cache.ensure(ref)
+            path, manifest = self.cache.ensure(ref, hint=hint)
         except Exception as exc:
             reason = describe(exc)
             log.error("sealed model %s is unavailable: %s", ref.name, reason)

@@ -22,6 +22,7 @@ import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -125,19 +126,112 @@ def _read_exact(src: ByteSource, size: int) -> bytes:
     return bytes(buf)
 
 
-def _segments(src: ByteSource, size: int) -> Iterator[tuple[bytes, bool]]:
-    """Yield ``(chunk, is_last)``; one chunk of read-ahead tells whether the current one is last."""
-    current = _read_exact(src, size)
+def _fill(src: ByteSource, view: memoryview) -> int:
+    """Fill ``view`` from ``src``; fewer bytes only at end of stream. Uses ``readinto`` if it can."""
+    readinto = getattr(src, "readinto", None)
+    filled = 0
+    while filled < len(view):
+        if readinto is not None:
+            got = readinto(view[filled:])
+        else:
+            chunk = src.read(len(view) - filled)
+            got = len(chunk)
+            view[filled : filled + got] = chunk
+        if not got:
+            break
+        filled += got
+    return filled
+
+
+def _segments(src: ByteSource, size: int) -> Iterator[tuple[memoryview, bool]]:
+    """Yield ``(chunk, is_last)``; one chunk of read-ahead tells whether the current one is last.
+
+    The chunks are views of two reused buffers, valid until the next one is yielded: a fresh
+    1 MiB object per segment costs the allocator (and the page faults of fresh memory) more
+    than the decryption itself.
+    """
+    current, upcoming = memoryview(bytearray(size)), memoryview(bytearray(size))
+    filled = _fill(src, current)
     while True:
-        if len(current) < size:
-            yield current, True
+        if filled < size:
+            yield current[:filled], True
             return
-        upcoming = _read_exact(src, size)
-        if not upcoming:
+        ahead = _fill(src, upcoming)
+        if not ahead:
             yield current, True
             return
         yield current, False
-        current = upcoming
+        current, upcoming, filled = upcoming, current, ahead
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed header (docs/sealed-format.md §2). Not authenticated by itself: a changed
+    header yields another segment key, so segment 0 fails to verify (§5)."""
+
+    segment_size: int
+    salt: bytes = field(repr=False)
+    nonce_prefix: bytes = field(repr=False)
+    raw: bytes = field(repr=False)
+
+
+def parse_header(raw: bytes) -> Header:
+    """Check and parse the first :data:`HEADER_SIZE` bytes of a sealed file (§4 step 1)."""
+    if len(raw) < HEADER_SIZE:
+        raise IntegrityError("sealed data is truncated: incomplete header")
+    raw = bytes(raw[:HEADER_SIZE])
+    magic, version, segment_size, salt, nonce_prefix = _HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise IntegrityError("not a sealed file: bad magic")
+    if version != VERSION:
+        raise IntegrityError(f"unsupported sealed format version {version}")
+    if not 1 <= segment_size <= MAX_SEGMENT_SIZE:
+        raise IntegrityError(f"unsupported segment size {segment_size}")
+    return Header(segment_size, salt, nonce_prefix, raw)
+
+
+class SegmentOpener:
+    """Verifies and decrypts single segments of one sealed file, in any order (§3, §4).
+
+    Thread-safe (the AEAD object is immutable). The caller says which segment a buffer is and
+    whether it is the last: positions come from the stream (:func:`open_stream`) or from the
+    sealed size (:class:`~lib.sealed.layout.SealedLayout`), and a wrong one fails the tag.
+    """
+
+    def __init__(self, key: bytes, header: Header) -> None:
+        _check_key(key)
+        self.header = header
+        self.segment_size = header.segment_size
+        self._aead = _segment_key(key, header.raw, header.salt)
+
+    def open_into(self, index: int, last: bool, sealed: memoryview | bytes, out: WriteableBuffer) -> int:
+        """Verify segment ``index`` and write its plaintext to the front of ``out``; return its length.
+
+        ``out`` must hold ``len(sealed) - TAG_SIZE`` bytes. On a failed tag, ``out`` holds
+        unverified plaintext (OpenSSL decrypts before it compares the tag): never let it leave
+        process memory unless this method returned.
+        """
+        size = len(sealed) - TAG_SIZE
+        if size < 0:
+            raise IntegrityError(f"sealed data is truncated: segment {index} is shorter than its tag")
+        if index >= MAX_SEGMENTS:
+            raise IntegrityError("sealed data has more segments than the format allows")
+        try:
+            self._aead.decrypt_into(
+                _nonce(self.header.nonce_prefix, index, last), sealed, None, memoryview(out).cast("B")[:size]
+            )
+        except InvalidTag:
+            # One message for every cause on purpose: the tag cannot tell a wrong key from a
+            # flipped bit, a swapped segment or a missing tail, and guessing would mislead.
+            raise IntegrityError(
+                f"sealed data failed verification at segment {index} "
+                "(tampered, truncated, reordered, or wrong key)"
+            ) from None
+        if last and size == 0 and index > 0:
+            # Only the key holder can produce this, but the format is canonical: an empty
+            # final segment exists only for an empty file.
+            raise IntegrityError("sealed data ends with an empty segment after data")
+        return size
 
 
 def seal_stream(
@@ -185,38 +279,13 @@ def open_stream(src: ByteSource, dst: ByteSink, key: bytes) -> int:
     whatever ``dst`` holds is untrusted unless this function returns.
     """
     _check_key(key)
-    header = _read_exact(src, HEADER_SIZE)
-    if len(header) < HEADER_SIZE:
-        raise IntegrityError("sealed data is truncated: incomplete header")
-    magic, version, segment_size, salt, nonce_prefix = _HEADER.unpack(header)
-    if magic != MAGIC:
-        raise IntegrityError("not a sealed file: bad magic")
-    if version != VERSION:
-        raise IntegrityError(f"unsupported sealed format version {version}")
-    if not 1 <= segment_size <= MAX_SEGMENT_SIZE:
-        raise IntegrityError(f"unsupported segment size {segment_size}")
-    aead = _segment_key(key, header, salt)
+    opener = SegmentOpener(key, parse_header(_read_exact(src, HEADER_SIZE)))
+    out = memoryview(bytearray(opener.segment_size))
     plaintext_size = 0
-    for index, (sealed, last) in enumerate(_segments(src, segment_size + TAG_SIZE)):
-        if index >= MAX_SEGMENTS:
-            raise IntegrityError("sealed data has more segments than the format allows")
-        if len(sealed) < TAG_SIZE:
-            raise IntegrityError(f"sealed data is truncated: segment {index} is shorter than its tag")
-        try:
-            chunk = aead.decrypt(_nonce(nonce_prefix, index, last), sealed, None)
-        except InvalidTag:
-            # One message for every cause on purpose: the tag cannot tell a wrong key from a
-            # flipped bit, a swapped segment or a missing tail, and guessing would mislead.
-            raise IntegrityError(
-                f"sealed data failed verification at segment {index} "
-                "(tampered, truncated, reordered, or wrong key)"
-            ) from None
-        if last and not chunk and index > 0:
-            # Only the key holder can produce this, but the format is canonical: an empty
-            # final segment exists only for an empty file.
-            raise IntegrityError("sealed data ends with an empty segment after data")
-        dst.write(chunk)
-        plaintext_size += len(chunk)
+    for index, (sealed, last) in enumerate(_segments(src, opener.segment_size + TAG_SIZE)):
+        size = opener.open_into(index, last, sealed, out)
+        dst.write(out[:size])
+        plaintext_size += size
     return plaintext_size
 
 

@@ -65,8 +65,13 @@ class SealedModelCache:
             entry = self._entries.get(ref.key)
             return entry.path if entry else None
 
-    def ensure(self, ref: SealedRef) -> tuple[Path, ResourceManifest]:
-        """The verified plaintext path of ``ref``, fetching it unless cached or being fetched."""
+    def ensure(
+        self, ref: SealedRef, *, hint: ResourceManifest | None = None
+    ) -> tuple[Path, ResourceManifest]:
+        """The verified plaintext path of ``ref``, fetching it unless cached or being fetched.
+
+        ``hint``, the listed manifest, lets the download start while the key is being released.
+        """
         with self._lock:
             stats = self._stats.setdefault(ref.name, ModelStats())
             entry = self._entries.get(ref.key)
@@ -82,7 +87,7 @@ class SealedModelCache:
             done = flight.future.result()  # raises the leader's error for every waiter
             return done.path, done.manifest
         try:
-            outcome = self._fetcher.fetch(ref, self.root)
+            outcome = self._fetcher.fetch(ref, self.root, hint=hint)
         except Exception as exc:
             with self._lock:
                 stats.last_error = describe(exc)
@@ -106,7 +111,8 @@ class SealedModelCache:
         for old in evicted:
             _remove(old.path)
             log.info("evicted sealed model %s from the node cache", old.manifest.name)
-        log.info("sealed model %s fetched and verified in %.2fs", ref.name, outcome.seconds)
+        log.info("sealed model %s fetched and verified in %.2fs %s", ref.name, outcome.seconds,
+                 outcome.details)
         return entry.path, entry.manifest
 
     def _evict_over_budget(self, keep: tuple[str, str, str | None]) -> list[_Entry]:

@@ -57,6 +57,12 @@ class SealedSettings(BaseModel):
     cache_budget_bytes: int = Field(
         16 * 1024**3, gt=0, description="Plaintext bytes the node cache keeps before evicting (LRU)."
     )
+    # The measurements behind these three defaults are at DEFAULT_SINGLE_GET_MAX in lib/sealed/fetch.py.
+    single_get_max_mb: int = Field(
+        1024, ge=0, le=1 << 20,
+        description="Big parts up to this size (MiB) are one streamed GET, larger ones parallel ranged "
+                    "GETs (download_workers of part_size_mb); 0: always ranges.",
+    )
     download_workers: int = Field(4, ge=1, le=32, description="Parallel ranged GETs per download.")
     part_size_mb: int = Field(8, ge=1, le=512, description="Size of one ranged GET, in MiB.")
     retry_attempts: int = Field(4, ge=1, le=10, description="Attempts per network call (first included).")

@@ -15,13 +15,20 @@ from typing import Any
 
 import pytest
 from boto3.exceptions import S3UploadFailedError
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 from botocore.response import StreamingBody
 from pydantic import SecretStr
+from urllib3.exceptions import ProtocolError
 
 from lib.errors import NotFoundError, UpstreamError
 from lib.retry import RetryPolicy
-from lib.sealed.cdn import CdnClient, is_retryable
+from lib.sealed.cdn import CdnClient, S3ObjectStream, is_retryable
 from lib.sealed.transfer import MiB, TransferError, range_header, split_ranges
 from lib.sealed.wire import CdnConfig
 
@@ -315,3 +322,120 @@ def test_ranges_spread_over_the_workers_between_part_size_and_the_cap(size: int,
     assert client.range_size(size) == expected
     strict, _ = make_client(FakeS3({}), part_size=8 * MiB, max_workers=4, spread_ranges=False)
     assert strict.range_size(size) == 8 * MiB
+
+
+# -- open_range and S3ObjectStream: what the streamed fetch sees -------------------------------
+
+
+class BrokenBody:
+    """A body whose read fails as a dropped connection does in botocore/urllib3."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.closed = False
+
+    def readinto(self, buffer: memoryview) -> int:
+        raise self.error
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_open_range_sends_range_and_if_match_and_answers_a_stream() -> None:
+    fake = FakeS3({"k": DATA})
+    client, _ = make_client(fake)
+
+    stream = client.open_range("k", 10, 19, if_match='"etag-1"')
+    buffer = memoryview(bytearray(10))
+
+    assert stream.readinto(buffer) == 10 and bytes(buffer) == DATA[10:20]
+    assert fake.get_calls == [{"Key": "k", "Range": "bytes=10-19", "IfMatch": '"etag-1"'}]
+    assert stream.length == 10
+    stream.close()
+
+
+def test_open_range_of_the_whole_object_is_a_plain_get() -> None:
+    fake = FakeS3({"k": DATA})
+    client, _ = make_client(fake)
+    stream = client.open_range("k", 0, len(DATA) - 1, whole_object=True)
+    assert fake.get_calls[0]["Range"] is None
+    assert stream.length == stream.object_size == len(DATA)
+
+
+def test_the_object_size_comes_from_content_range() -> None:
+    fake = FakeS3({"k": DATA})
+    fake.fail = lambda n, p: {"Body": StreamingBody(io.BytesIO(DATA[:5]), 5), "ContentLength": 5,
+                              "ContentRange": f"bytes 0-4/{len(DATA)}", "ETag": '"e"'}
+    client, _ = make_client(fake)
+    stream = client.open_range("k", 0, 4)
+    assert (stream.length, stream.object_size, stream.etag) == (5, len(DATA), '"e"')
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (client_error(503, "SlowDown"), TransferError),
+        (EndpointConnectionError(endpoint_url="http://cdn"), TransferError),
+        (client_error(404, "NoSuchKey"), NotFoundError),
+        (client_error(412, "PreconditionFailed"), UpstreamError),
+        (client_error(403, "AccessDenied"), UpstreamError),
+    ],
+)
+def test_open_range_is_one_attempt_and_says_what_may_be_retried(
+    error: BaseException, expected: type[BaseException]
+) -> None:
+    fake = FakeS3({"k": DATA})
+    fake.fail = lambda n, p: (_ for _ in ()).throw(error)
+    client, sleeps = make_client(fake)
+
+    with pytest.raises(expected) as info:
+        client.open_range("k", 0, 9)
+
+    assert len(fake.get_calls) == 1 and sleeps == []  # the streamer retries, resuming
+    assert "s3://bkt/k" in str(info.value) and SECRET not in str(info.value)
+    if isinstance(info.value, TransferError):
+        assert info.value.retryable
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ResponseStreamingError(error=ProtocolError("Connection broken: IncompleteRead")),
+        ReadTimeoutError(endpoint_url="http://cdn"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        IncompleteReadError(actual_bytes=5, expected_bytes=10),
+    ],
+)
+def test_a_body_breaking_off_is_a_retryable_transfer_error(error: BaseException) -> None:
+    body = BrokenBody(error)
+    stream = S3ObjectStream({"Body": body, "ContentLength": 10}, "s3://bkt/k")
+    message = f"s3://bkt/k: the body broke off: {type(error).__name__}"
+    with pytest.raises(TransferError, match=message) as info:
+        stream.readinto(memoryview(bytearray(10)))
+    assert info.value.retryable
+    stream.close()
+    assert body.closed
+
+
+def test_a_real_http_body_is_read_straight_into_the_buffer() -> None:
+    """The fast path reads through http.client; its answer must be the bytes, and a short body 0."""
+    import http.client
+    import socket
+
+    server, client_sock = socket.socketpair()
+    body = b"x" * 100
+    server.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 150\r\n\r\n" + body)
+    server.close()  # 50 bytes short
+    response = http.client.HTTPResponse(client_sock)
+    response.begin()
+    raw = SimpleNamespace(_fp=response, headers={})
+    streaming = SimpleNamespace(_raw_stream=raw, readinto=lambda b: pytest.fail("urllib3 path taken"),
+                                close=response.close)
+    stream = S3ObjectStream({"Body": streaming, "ContentLength": 150}, "s3://bkt/k")
+    buffer = memoryview(bytearray(150))
+    got = 0
+    while n := stream.readinto(buffer[got:]):
+        got += n
+    assert got == 100 and bytes(buffer[:got]) == body  # the streamer turns 0-before-the-end into a resume
+    stream.close()
+    client_sock.close()

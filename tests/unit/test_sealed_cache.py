@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from lib.sealed.format import generate_key, seal_stream, split_point
 from lib.sealed.keywrap import NodeKeyPair, wrap_for_node
 from lib.sealed.node_cache import SealedModelCache, describe, process_cache_dir
 from lib.sealed.resource_client import FetchedResource
+from lib.sealed.transfer import TransferError
 from lib.sealed.wire import CdnConfig, ResourceManifest
 
 FOLDER = "models"
@@ -74,14 +74,30 @@ class FakeStore:
         self.resources: dict[tuple[str, str], Published] = {}
         self.objects: dict[str, bytes] = {}  # S3 key -> big part
         self.calls: Counter[str] = Counter()
+        self.lock = threading.Lock()
         self.gets: list[tuple[str, str]] = []
         self.downloads: list[str] = []
         self.keypairs: set[bytes] = set()
         self.get_error: dict[tuple[str, str], Exception] = {}
         self.list_error: Exception | None = None
         self.download_error: Exception | None = None
-        # Called inside download_file before any byte is written: lets a test hold a fetch open.
+        # Called inside open_range before any byte is read: lets a test hold a fetch open.
         self.download_gate: Callable[[], None] | None = None
+        # (key, first, last, whole object, If-Match) of every GET; the answered streams.
+        self.requests: list[tuple[str, int, int, bool, str | None]] = []
+        self.streams: list[FakeStream] = []
+        # Byte counts after which the next answers' bodies break off, one per answer.
+        self.cuts: list[int] = []
+        # Per request start offset: byte counts after which its answers break off, one per answer.
+        self.cuts_at: dict[int, list[int]] = {}
+        # Called before every read of a body: lets a test look at the cache mid-stream.
+        self.on_read: Callable[[], None] | None = None
+        # Called inside get (the key release) before it answers: lets a test hold it open.
+        self.get_gate: Callable[[], None] | None = None
+        # A server that ignores Range and always sends the whole object.
+        self.ignore_range = False
+        # Keep requests and streams for the test to look at (memory tests turn it off).
+        self.record = True
 
     # -- publishing (what `sealserve publish` would do) --
 
@@ -134,6 +150,8 @@ class FakeStore:
         self.calls["get"] += 1
         self.gets.append((folder, name))
         self.keypairs.add(keypair.public_bytes())
+        if self.get_gate is not None:
+            self.get_gate()
         if (folder, name) in self.get_error:
             raise self.get_error[(folder, name)]
         published = self.resources.get((folder, name))
@@ -161,16 +179,67 @@ class FakeStore:
         return CdnConfig(bucket="big-parts", access_key_id="reader", secret_access_key="not-a-secret")
 
 
+class FakeStream:
+    """An answered GET over bytes in memory; ``cut_after`` breaks the body there, as a dropped
+    connection would (a retryable :class:`TransferError`, what ``S3ObjectStream`` raises)."""
+
+    def __init__(
+        self, body: bytes, object_size: int, etag: str, cut_after: int | None,
+        on_read: Callable[[], None] | None = None, where: str = "s3://big-parts/?",
+    ) -> None:
+        self._on_read = on_read
+        self._where = where
+        self._body = memoryview(body)
+        self.length = len(body)
+        self.object_size = object_size
+        self.etag = etag
+        self._cut_after = cut_after
+        self._pos = 0
+        self.closed = False
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        assert not self.closed, "read after close"
+        if self._on_read is not None:
+            self._on_read()
+        end = len(self._body) if self._cut_after is None else min(len(self._body), self._cut_after)
+        if self._pos >= end and end < len(self._body):
+            # The message S3ObjectStream gives a broken body.
+            raise TransferError(f"{self._where}: the body broke off: ConnectionResetError")
+        count = min(len(buffer), end - self._pos)
+        buffer[:count] = self._body[self._pos : self._pos + count]
+        self._pos += count
+        return count
+
+    def close(self) -> None:
+        self.closed = True
+        self._body = memoryview(b"")  # the store keeps its streams: not their bodies
+
+
 class FakeCdn:
-    """``CdnClient.download_file`` over ``FakeStore.objects``: size check, temp file, atomic rename."""
+    """``CdnClient.open_range`` over ``FakeStore.objects``: ranges, ETags, If-Match, injected cuts.
+
+    Every request is recorded as (key, first, last, whole object, If-Match); one that starts at
+    byte 0 counts as a download, as the S3 test server's proxy counts them.
+    """
 
     def __init__(self, store: FakeStore) -> None:
         self.store = store
 
-    def download_file(self, key: str, dest: Path, *, expected_size: int | None = None) -> int:
+    def where(self, key: str) -> str:
+        return f"s3://big-parts/{key}"
+
+    def open_range(
+        self, key: str, first: int, last: int, *, whole_object: bool = False, if_match: str | None = None
+    ) -> FakeStream:
         store = self.store
-        store.calls["download"] += 1
-        store.downloads.append(key)
+        with store.lock:  # ranged fetches call from several threads
+            if store.record:
+                store.requests.append((key, first, last, whole_object, if_match))
+            if first == 0:
+                store.calls["download"] += 1
+                store.downloads.append(key)
+            cuts = store.cuts_at.get(first) or store.cuts
+            cut = cuts.pop(0) if cuts else None
         if store.download_gate is not None:
             store.download_gate()
         if store.download_error is not None:
@@ -178,14 +247,15 @@ class FakeCdn:
         if key not in store.objects:
             raise NotFoundError(f"s3://big-parts/{key} does not exist")
         data = store.objects[key]
-        if expected_size is not None and len(data) != expected_size:
-            raise IntegrityError(f"s3://big-parts/{key} is {len(data)} bytes, expected {expected_size}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, dest)
-        return len(data)
+        etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+        if if_match is not None and if_match != etag:
+            raise UpstreamError(f"S3 GET of s3://big-parts/{key} failed: ClientError PreconditionFailed")
+        body = data if whole_object or store.ignore_range else data[first : last + 1]
+        stream = FakeStream(body, len(data), etag, cut, store.on_read, self.where(key))
+        with store.lock:
+            if store.record:
+                store.streams.append(stream)
+        return stream
 
 
 class CountingLock:
@@ -892,4 +962,4 @@ def test_process_cache_dir_survives_a_sibling_with_a_huge_number(tmp_path: Path)
 
 
 # Keep the fakes importable for tests/unit/test_sealed_catalog.py.
-__all__ = ["FINGERPRINT", "FOLDER", "FakeCdn", "FakeStore", "make_tar", "payload"]
+__all__ = ["FINGERPRINT", "FOLDER", "FakeCdn", "FakeStore", "FakeStream", "all_names", "make_tar", "payload"]

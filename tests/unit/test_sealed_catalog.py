@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ from lib.sealed.resource_client import ResourceClient
 from lib.sealed.settings import SealedSettings
 from lib.sealed.transfer import MiB
 from lib.sealed.wire import CdnConfig
-from tests.unit.test_sealed_cache import FINGERPRINT, FOLDER, FakeCdn, FakeStore, make_tar, payload
+from tests.unit.test_sealed_cache import (
+    FINGERPRINT,
+    FOLDER,
+    HANG_GUARD_S,
+    FakeCdn,
+    FakeStore,
+    make_tar,
+    payload,
+)
 
 OWNER = "test-loader"
 
@@ -149,6 +158,40 @@ def test_ensure_fetches_once_and_the_entry_becomes_available(
     assert len(cdn_built) == 1
     assert cdn_built[0]["part_size"] == 2 * MiB
     assert cdn_built[0]["max_workers"] == 3
+
+
+def test_ensure_sends_the_first_get_from_the_listing_before_the_key_arrives(
+    catalog: SealedCatalog, store: FakeStore, cdn_built: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog.refresh()
+    sent = threading.Event()
+    real_open = FakeCdn.open_range
+
+    def open_and_tell(self: FakeCdn, *args: Any, **kwargs: Any) -> Any:
+        stream = real_open(self, *args, **kwargs)
+        sent.set()
+        return stream
+
+    monkeypatch.setattr(FakeCdn, "open_range", open_and_tell)
+    # The key release answers only once the GET went out: a catalog that fetched without the
+    # listed manifest as a hint would send it after the release, and this would wait in vain.
+    released_after_get: list[bool] = []
+    store.get_gate = lambda: released_after_get.append(sent.wait(HANG_GUARD_S))
+
+    info = catalog.ensure(model_id(store, "classifier.safetensors"))
+
+    assert released_after_get == [True]
+    assert info.status == "available"
+    assert len(store.requests) == 1 and store.requests[0][3] is True  # one plain GET, and it was used
+
+
+def test_transfer_settings_reach_the_fetch_plan(tmp_path: Path, store: FakeStore) -> None:
+    settings = make_settings(tmp_path, ["classifier.safetensors"], single_get_max_mb=0, part_size_mb=3,
+                             download_workers=5, retry_attempts=2)
+    catalog = SealedCatalog(settings, owner=OWNER, resources=store, fingerprint=FINGERPRINT)
+    plan = catalog._fetcher.plan
+    assert (plan.single_get_max_bytes, plan.range_bytes, plan.workers) == (0, 3 * MiB, 5)
+    assert plan.retry.attempts == 2
 
 
 def test_ensure_of_a_directory_model_hands_out_the_unpacked_tree(
