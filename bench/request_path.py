@@ -57,11 +57,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 APP = "sealserve"
 NAME = "request_path"
+# The 32-client figure is the steady state: load runs until the replica counts have not changed
+# for SETTLED_S (the classifier's upscale delay plus a replica start fit well inside MAX_SETTLE_S).
+SETTLED_S = 6.0
+MAX_SETTLE_S = 60.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per load run")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per load run")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per load run")
     parser.add_argument("--rounds", type=int, default=2,
                         help="alternating baseline/sealserve rounds that share --duration")
@@ -197,6 +201,19 @@ def run(args: argparse.Namespace, servers: list[Server], state: dict[str, Any]) 
 
     classify: dict[str, Any] = {"c1": {}, "c32": {}}
 
+    def settle(seal_load: tuple[str, bytes | None, dict[str, str], int]) -> None:
+        """Keep the load on until no deployment's replica count has changed for SETTLED_S: the
+        figure is the steady state the autoscaler reaches, not the minute it takes to get there."""
+        deadline = time.perf_counter() + MAX_SETTLE_S
+        while time.perf_counter() < deadline:
+            load(*seal_load, 0, 2.0)
+            now = time.perf_counter() - origin
+            recent = [s["replicas"] for s in sampler.samples if s["t"] >= now - SETTLED_S]
+            spans_window = any(s["t"] <= now - SETTLED_S + 1 for s in sampler.samples)
+            if spans_window and recent and all(r == recent[-1] for r in recent):
+                return
+        print(f"replicas still changing after {MAX_SETTLE_S:.0f} s of load; measuring anyway")
+
     def compare(level: str, clients: int) -> None:
         """Warm both up, then alternate rounds (baseline, sealserve, ...) so both see the same
         background load; each server's rounds are merged into one result."""
@@ -205,6 +222,8 @@ def run(args: argparse.Namespace, servers: list[Server], state: dict[str, Any]) 
         seal_load = (f"{url}/v1/classify", body, headers, clients)
         load(*base_load, args.warmup, 0)
         load(*seal_load, args.warmup, 0)
+        if clients > 1:
+            settle(seal_load)
         t0, loadavg = time.perf_counter() - origin, os.getloadavg()
         rounds: dict[str, list[LoadResult]] = {"baseline": [], "sealserve": []}
         for _ in range(args.rounds):
