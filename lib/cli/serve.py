@@ -78,6 +78,9 @@ def serve_env(state_dir: Path, environ: Mapping[str, str], haproxy: str | None) 
                 # says to firewall them like Ray's own ports.
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                # Serve's own proxy stays on the head node as HAProxy's fallback (scale from zero).
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+                "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
             }
         )
     return {**env, **environ}
