@@ -37,6 +37,10 @@ class _Item:
 class ImageClassifier(ModelReplica):
     deployment_name = "ImageClassifier"
 
+    def __init__(self, settings: AppSettings) -> None:
+        super().__init__(settings)
+        self._catalog = CatalogView(self._loader.models)
+
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> Classifier:
         info = await self._loader.ensure(model_id)
@@ -44,10 +48,6 @@ class ImageClassifier(ModelReplica):
         classifier = await asyncio.to_thread(load_classifier, Path(info.path), self._device)
         self._loaded[model_id] = classifier
         return classifier
-
-    def __init__(self, settings: AppSettings) -> None:
-        super().__init__(settings)
-        self._catalog = CatalogView(self._loader.models)
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """One image (the handle API); concurrent calls are batched into one forward pass."""
