@@ -292,6 +292,5 @@ def test_report_prints_writes_json_and_png(tmp_path: Path, capsys: pytest.Captur
     written = json.loads(path.read_text())  # strict JSON: NaN became null
     assert written["classify"]["c1"]["baseline"]["p99_ms"] is None
     assert {"name", "created", "environment", "targets"} <= set(written)
-    pytest.importorskip("matplotlib")
     assert write_png(tmp_path / "request_path.png", report)
     assert (tmp_path / "request_path.png").stat().st_size > 10_000

@@ -137,10 +137,9 @@ def test_replica_without_a_gpu_logs_nothing_and_reports_no_warning(monkeypatch: 
     assert replica.health().warning is None
 
 
-def test_outside_ray_no_gpu_is_assigned() -> None:
-    import ray
-
-    assert not ray.is_initialized()
+def test_outside_a_replica_no_gpu_is_assigned() -> None:
+    # This process may or may not be a Ray driver by now (integration tests start one); either
+    # way it is no replica, and Ray reserved no GPU for it.
     assert ray_gpu_assignment() is None
 
 
