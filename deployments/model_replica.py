@@ -18,8 +18,8 @@ log = logging.getLogger("ray.serve")
 
 
 def ray_gpu_assignment() -> GpuAssignment | None:
-    """The GPUs Ray reserved for this replica (none outside a Ray worker)."""
-    if not ray.is_initialized():
+    """The GPUs Ray reserved for this replica (none outside an actor: a driver has no reservation)."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return None
     share = ray.get_runtime_context().get_assigned_resources().get("GPU")
     return GpuAssignment.of(ray.get_gpu_ids(), share, os.environ.get("CUDA_VISIBLE_DEVICES"))
