@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,19 +52,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def serve_env(state_dir: Path, environ: Mapping[str, str], haproxy: str | None) -> dict[str, str]:
+def haproxy_dir() -> Path:
+    """A private (0700) directory for HAProxy's files, with a short path: Ray puts the admin socket
+    two levels below it (a 56-character session directory, then ``admin.sock``), and a Unix socket
+    path may not exceed 97 characters. The caller removes it when the service stops."""
+    return Path(tempfile.mkdtemp(prefix="sealserve-hp-"))
+
+
+def serve_env(environ: Mapping[str, str], haproxy: str | None, private: Path | None) -> dict[str, str]:
     """The environment of ``serve run`` (and so of every Ray process it starts).
 
     With an ``haproxy`` binary, Ray runs HAProxy as the HTTP front (``RAY_SERVE_ENABLE_HA_PROXY``)
-    and keeps its configuration and admin socket in ``state_dir/haproxy`` (mode 0700: the socket
-    Ray creates is world-writable, the directory keeps other users out). Without one, Serve's own
-    proxy fronts the ingress. Variables already set in ``environ`` win.
+    and keeps its configuration and admin socket in ``private`` (mode 0700: the socket Ray creates
+    is world-writable, the directory keeps other users out). Without one, Serve's own proxy fronts
+    the ingress. Variables already set in ``environ`` win.
     """
     env = {**QUIET_ENV, **THROUGHPUT_ENV}
-    if haproxy is not None:
-        private = state_dir / "haproxy"
-        private.mkdir(mode=0o700, parents=True, exist_ok=True)
-        private.chmod(0o700)
+    if haproxy is not None and private is not None:
         env.update(
             {
                 "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -140,7 +145,8 @@ def run_serve(args: argparse.Namespace) -> int:
     wildcard = http["host"] in ("0.0.0.0", "::")  # noqa: S104 - detecting it, not binding
     url = f"http://{'127.0.0.1' if wildcard else http['host']}:{http['port']}"
     haproxy = shutil.which(HAPROXY)
-    env = serve_env(settings.state_path, os.environ, haproxy)
+    private = haproxy_dir() if haproxy else None
+    env = serve_env(os.environ, haproxy, private)
     front = "HAProxy" if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's HTTP proxy"
     print(f"starting Ray Serve with {args.config} on {url} ({front} in front) ...", flush=True)
     command = [sys.executable, "-m", LOCAL_SERVE, str(run_config)]
@@ -150,9 +156,19 @@ def run_serve(args: argparse.Namespace) -> int:
     # is restored because a shell starting us in the background leaves it ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run_until_stopped(command, env, url, settings, args.ready_timeout)
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _run_until_stopped(
+    command: list[str], env: dict[str, str], url: str, settings: AppSettings, ready_timeout: float
+) -> int:
     process = subprocess.Popen(command, env=env)  # noqa: S603
     try:
-        if wait_until_ready(url, process, args.ready_timeout):
+        if wait_until_ready(url, process, ready_timeout):
             print(banner(url, settings), flush=True)
         return process.wait()
     except KeyboardInterrupt:

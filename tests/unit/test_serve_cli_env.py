@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from lib.cli.serve import serve_env
+from lib.cli.serve import haproxy_dir, serve_env
 
 PORT_VARIABLES = (
     "RAY_SERVE_HAPROXY_STATS_PORT",
@@ -15,18 +15,22 @@ PORT_VARIABLES = (
 )
 
 
-def test_without_haproxy_serve_runs_its_throughput_mode_behind_its_own_proxy(tmp_path: Path) -> None:
-    env = serve_env(tmp_path, {}, haproxy=None)
+def test_without_haproxy_serve_runs_its_throughput_mode_behind_its_own_proxy() -> None:
+    env = serve_env({}, haproxy=None, private=None)
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in env
-    assert not (tmp_path / "haproxy").exists()
 
 
-def test_haproxy_files_live_in_a_private_directory_and_its_ports_are_free(tmp_path: Path) -> None:
-    env = serve_env(tmp_path, {}, haproxy="/usr/sbin/haproxy")
-    private = tmp_path / "haproxy"
+def test_haproxy_files_live_in_a_private_directory_and_its_ports_are_free() -> None:
+    private = haproxy_dir()
+    try:
+        env = serve_env({}, haproxy="/usr/sbin/haproxy", private=private)
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        # Ray adds a 56-character directory and "/admin.sock"; a Unix socket path takes 97 at most.
+        assert len(str(private)) + 1 + 56 + len("/admin.sock") <= 97
+    finally:
+        private.rmdir()
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    assert stat.S_IMODE(private.stat().st_mode) == 0o700
     for name in ("CONFIG_FILE_LOC", "SOCKET_PATH", "SERVER_STATE_BASE", "SERVER_STATE_FILE"):
         assert Path(env[f"RAY_SERVE_HAPROXY_{name}"]).is_relative_to(private)
     ports = [int(env[name]) for name in PORT_VARIABLES]
@@ -35,6 +39,6 @@ def test_haproxy_files_live_in_a_private_directory_and_its_ports_are_free(tmp_pa
     assert not {8404, 9101, 8500, 9500} & set(ports)
 
 
-def test_the_callers_environment_wins(tmp_path: Path) -> None:
-    env = serve_env(tmp_path, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "PATH": "/bin"}, haproxy=None)
+def test_the_callers_environment_wins() -> None:
+    env = serve_env({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "PATH": "/bin"}, haproxy=None, private=None)
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and env["PATH"] == "/bin"
