@@ -33,8 +33,9 @@ from typing import Any
 
 from bench.report import MB, write_json
 from bench.sealing import make_random_file
-from devservers.resource_api import RecordingSession, ResourceApiServer, start_resource_api_server
-from devservers.s3 import S3Server, start_s3_server
+from devservers.resource_api import RecordingSession, ResourceApiServer
+from devservers.s3 import S3Server
+from devservers.stores import sealed_stores
 
 BUCKET = "bench-fleet"
 FOLDER = "fleet"
@@ -188,13 +189,13 @@ def run(counts: list[int], size_mb: int, tmp_dir: Path | None) -> Path:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-", dir=tmp_dir) as tmp:
         work = Path(tmp)
-        s3 = start_s3_server()
-        api = None
-        try:
-            api = start_resource_api_server(work / "resource-api")
-            api.create_user(PUBLISHER_EMAIL, passwords[PUBLISHER_EMAIL], role="publisher")
-            api.create_user(READER_EMAIL, passwords[READER_EMAIL], role="reader")
-            api.set_cdn(s3.config(BUCKET))  # through the counting proxy
+        with sealed_stores(
+            work,
+            BUCKET,
+            publisher=(PUBLISHER_EMAIL, passwords[PUBLISHER_EMAIL]),
+            reader=(READER_EMAIL, passwords[READER_EMAIL]),
+            direct=False,  # through the counting proxy
+        ) as (s3, api):
             published = _publish(api, s3, passwords[PUBLISHER_EMAIL], work, size_mb)
             for count in counts:
                 result = run_fleet(count, api, s3, passwords[READER_EMAIL], work / f"fleet-{count}")
@@ -203,10 +204,6 @@ def run(counts: list[int], size_mb: int, tmp_dir: Path | None) -> Path:
                       f"{result['resource_api_requests']} requests "
                       f"({result['resource_api_cpu_s']:.2f} s CPU), store {result['store_gets']} GETs, "
                       f"{result['store_bytes'] / MB:.0f} MB")
-        finally:
-            if api is not None:
-                api.stop()
-            s3.stop()
     one = next((r["total_s"] for r in results if r["nodes"] == 1), None)
     for result in results:
         if one:

@@ -41,8 +41,7 @@ from typing import Any
 
 from bench.report import MB, write_report
 from bench.sealing import make_random_file
-from devservers.resource_api import start_resource_api_server
-from devservers.s3 import start_s3_server
+from devservers.stores import sealed_stores
 from lib.digest import sha256_file
 from lib.sealed.cdn import DEFAULT_PART_SIZE, CdnClient
 from lib.sealed.fetch import FetchOutcome, SealedFetcher, SealedRef, TransferPlan
@@ -222,13 +221,13 @@ def run(size_mb: int, repeat: int, workers: int, part_size: int, tmp_dir: Path |
     passwords = {PUBLISHER_EMAIL: secrets.token_urlsafe(16), READER_EMAIL: secrets.token_urlsafe(16)}
     with tempfile.TemporaryDirectory(prefix="bench-sealed-fetch-", dir=tmp_dir) as tmp:
         work = Path(tmp)
-        s3 = start_s3_server()
-        api = None
-        try:
-            api = start_resource_api_server(work / "resource-api")
-            api.create_user(PUBLISHER_EMAIL, passwords[PUBLISHER_EMAIL], role="publisher")
-            api.create_user(READER_EMAIL, passwords[READER_EMAIL], role="reader")
-            api.set_cdn(s3.config(BUCKET, direct=True))  # straight to moto, no counting proxy
+        with sealed_stores(
+            work,
+            BUCKET,
+            publisher=(PUBLISHER_EMAIL, passwords[PUBLISHER_EMAIL]),
+            reader=(READER_EMAIL, passwords[READER_EMAIL]),
+            direct=True,  # straight to moto
+        ) as (s3, api):
             publisher = ResourceClient(api.url, PUBLISHER_EMAIL, passwords[PUBLISHER_EMAIL])
             resources = ResourceClient(api.url, READER_EMAIL, passwords[READER_EMAIL])
             cdn = CdnClient(s3.config(BUCKET, direct=True), part_size=part_size, max_workers=workers,
@@ -280,10 +279,6 @@ def run(size_mb: int, repeat: int, workers: int, part_size: int, tmp_dir: Path |
             print(f"  names seen in the cache directory during a fetch: {exposure['names_seen']}")
             big.unlink()
             cdn.close()
-        finally:
-            if api is not None:
-                api.stop()
-            s3.stop()
 
     targets = _targets(rows, memory)
     params = {

@@ -28,8 +28,7 @@ from typing import Any
 from bench.report import MB, write_json
 from bench.sealed_fetch import BUCKET, FOLDER, PUBLISHER_EMAIL, READER_EMAIL, Node
 from bench.sealing import make_random_file
-from devservers.resource_api import start_resource_api_server
-from devservers.s3 import start_s3_server
+from devservers.stores import sealed_stores
 from lib.sealed.cdn import CdnClient
 from lib.sealed.fetch import TransferPlan
 from lib.sealed.format import DEFAULT_SEGMENT_SIZE, TAG_SIZE
@@ -59,13 +58,13 @@ def run(sizes_mb: list[int], repeat: int, workers: int, tmp_dir: Path | None) ->
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-transfer-", dir=tmp_dir) as tmp:
         work = Path(tmp)
-        s3 = start_s3_server()
-        api = None
-        try:
-            api = start_resource_api_server(work / "resource-api")
-            api.create_user(PUBLISHER_EMAIL, passwords[PUBLISHER_EMAIL], role="publisher")
-            api.create_user(READER_EMAIL, passwords[READER_EMAIL], role="reader")
-            api.set_cdn(s3.config(BUCKET, direct=True))
+        with sealed_stores(
+            work,
+            BUCKET,
+            publisher=(PUBLISHER_EMAIL, passwords[PUBLISHER_EMAIL]),
+            reader=(READER_EMAIL, passwords[READER_EMAIL]),
+            direct=True,  # straight to moto
+        ) as (s3, api):
             publisher = ResourceClient(api.url, PUBLISHER_EMAIL, passwords[PUBLISHER_EMAIL])
             cdn = CdnClient(s3.config(BUCKET, direct=True), max_workers=workers, read_timeout=120.0)
             for size_mb in sizes_mb:
@@ -80,10 +79,6 @@ def run(sizes_mb: list[int], repeat: int, workers: int, tmp_dir: Path | None) ->
             for size_mb in sizes_mb:
                 results.append(measure(node, size_mb, repeat, workers))
             cdn.close()
-        finally:
-            if api is not None:
-                api.stop()
-            s3.stop()
     single_wins = [r["size_mb"] for r in results if r["winner"] == "one GET"]
     largest = max(single_wins, default=0)
     loses = [r["size_mb"] for r in results if r["winner"] != "one GET" and r["size_mb"] > largest]
