@@ -42,3 +42,15 @@ def test_haproxy_files_live_in_a_private_directory_and_its_ports_are_free() -> N
 def test_the_callers_environment_wins() -> None:
     env = serve_env({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "PATH": "/bin"}, haproxy=None, private=None)
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and env["PATH"] == "/bin"
+
+
+def test_the_banners_sample_image_is_a_png_the_classifier_accepts() -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from lib.cli.serve import SAMPLE_PNG
+
+    image = Image.open(io.BytesIO(base64.b64decode(SAMPLE_PNG)))
+    assert image.format == "PNG" and image.size == (16, 16)
