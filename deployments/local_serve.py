@@ -68,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         address = os.environ.get("RAY_ADDRESS", "local")
         if address == "local":
-            node = start_local_ray(dashboard=args.dashboard, logs=args.logs)
-            address = node.address
-        ray.init(address=address, namespace=SERVE_NAMESPACE, log_to_driver=args.logs or args.dashboard)
+            try:
+                node = start_local_ray(dashboard=args.dashboard, logs=args.logs)
+                address = node.address
+            except (ImportError, AttributeError, TypeError) as exc:  # another Ray's private API
+                print(f"note: starting a plain local Ray ({type(exc).__name__}: {exc})", file=sys.stderr)
+        ray.init(address=address, namespace=SERVE_NAMESPACE, log_to_driver=args.logs or args.dashboard,
+                 **({"include_dashboard": args.dashboard} if node is None and address == "local" else {}))
         # serve run stops Serve on KeyboardInterrupt; a shell that started us in the background
         # left SIGINT ignored, and SIGTERM (a process manager's stop) deserves the same graceful
         # path. Installed after ray.init, whose core worker replaces the SIGTERM handler.
