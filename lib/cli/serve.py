@@ -79,6 +79,11 @@ def serve_env(environ: Mapping[str, str], haproxy: str | None, private: Path | N
                 # says to firewall them like Ray's own ports.
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                # A stopping ingress replica stays reachable this long so that load balancers
+                # deregister it (Ray's default: 30 s, which every stop of the service waited
+                # out). Here HAProxy is Serve's own, reconfigured by Serve within a second, and
+                # it retries a refused connection on another replica.
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
                 # Serve's own proxy stays on the head node as HAProxy's fallback (scale from zero).
                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
                 "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),

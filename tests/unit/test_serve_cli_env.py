@@ -31,6 +31,8 @@ def test_haproxy_files_live_in_a_private_directory_and_its_ports_are_free() -> N
     finally:
         private.rmdir()
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # A stop must not wait out Ray's 30 s deregistration window for external load balancers.
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 5
     for name in ("CONFIG_FILE_LOC", "SOCKET_PATH", "SERVER_STATE_BASE", "SERVER_STATE_FILE"):
         assert Path(env[f"RAY_SERVE_HAPROXY_{name}"]).is_relative_to(private)
     ports = [int(env[name]) for name in PORT_VARIABLES]
