@@ -33,7 +33,7 @@ from typing import Any
 import ray
 from ray.serve.scripts import cli
 
-from lib.cli.serve import announce_when_ready
+from lib.cli.serve import announce_when_ready, stop_processes_naming
 
 # The namespace serve run uses for the applications it deploys (ray.serve._private.constants).
 SERVE_NAMESPACE = "serve"
@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if node is not None:
             node.kill_all_processes(check_alive=False, allow_graceful=True)
         if args.remove_on_exit is not None:
+            # HAProxy, which Ray starts with its files in this directory, outlives the Ray actor
+            # that started it: no process may keep the port after a stop.
+            stop_processes_naming(args.remove_on_exit)
             shutil.rmtree(args.remove_on_exit, ignore_errors=True)
     return 0
 

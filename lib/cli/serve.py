@@ -9,10 +9,12 @@ and prints the URL, the development API key and a ready-to-paste ``curl`` for ea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -90,6 +92,31 @@ def serve_env(environ: Mapping[str, str], haproxy: str | None, private: Path | N
             }
         )
     return {**env, **environ}
+
+
+def stop_processes_naming(directory: Path, grace_s: float = 5.0) -> list[int]:
+    """Stop the processes (other than this one) whose command line names ``directory``.
+
+    ``directory`` is private to one run of the service, so this finds that run's processes and
+    no other's; SIGTERM first, SIGKILL after ``grace_s``. Returns the pids found.
+    """
+    marker = os.fsencode(directory)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.1)
+    return pids
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:

@@ -56,3 +56,28 @@ def test_the_banners_sample_image_is_a_png_the_classifier_accepts() -> None:
 
     image = Image.open(io.BytesIO(base64.b64decode(SAMPLE_PNG)))
     assert image.format == "PNG" and image.size == (16, 16)
+
+
+def test_a_stop_ends_the_processes_naming_the_private_directory_and_no_other(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from lib.cli.serve import stop_processes_naming
+
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); "
+            "time.sleep(60)")
+    # Ours ignores SIGTERM, as a stuck process would: the SIGKILL after the grace must end it.
+    ours = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "haproxy.cfg")],
+                            stdout=subprocess.PIPE)
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path.parent / "elsewhere")],
+                             stdout=subprocess.PIPE)
+    for proc in (ours, other):
+        assert proc.stdout is not None and proc.stdout.readline()  # its handler is in place
+    try:
+        assert stop_processes_naming(tmp_path, grace_s=1.0) == [ours.pid]
+        assert ours.wait(timeout=5) == -9
+        assert other.poll() is None
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
