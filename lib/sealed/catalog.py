@@ -92,14 +92,19 @@ class SealedCatalog:
         self._refs = [
             SealedRef(spec.folder or settings.folder, spec.name, spec.id) for spec in settings.models
         ]
+        # Our own client (not one a test injects) enrolls the node key on the first listing, so an
+        # operator sees the node pending before any model is asked for.
+        self._client = resource_client_from_env(settings) if resources is None else None
+        self._enrolled = False
+        self._fingerprint = fingerprint or node_fingerprint()
         self._trust = PublisherTrust(settings.trusted_publishers)
         if not self._trust.enforced:
             log.warning("sealed.trusted_publishers is empty: manifests are not checked for a publisher's "
                         "signature, so a compromised resource API could substitute a model")
         self._fetcher = SealedFetcher(
-            resources or resource_client_from_env(settings),
+            resources or self._client,  # type: ignore[arg-type]
             trust=self._trust,
-            fingerprint=fingerprint or node_fingerprint(),
+            fingerprint=self._fingerprint,
             cdn_factory=cdn_factory or self._cdn_client,
             plan=TransferPlan(
                 single_get_max_bytes=settings.single_get_max_mb * MiB,
@@ -134,8 +139,24 @@ class SealedCatalog:
             max_workers=self._settings.download_workers,
         )
 
+    def _enroll(self) -> None:
+        if self._client is None or self._enrolled:
+            return
+        try:
+            node = self._client.enroll(self._fingerprint)
+        except Exception as exc:
+            log.warning("cannot enroll this node's key yet: %s", describe(exc))
+            return
+        self._enrolled = True
+        if node.status == "approved":
+            log.info("node %s is approved for key releases", node.node_id[:16])
+        else:
+            log.warning("node %s is %s: approve it with `sealserve resource-api nodes approve %s`",
+                        node.node_id[:16], node.status, node.node_id)
+
     def refresh(self) -> None:
         """Re-read the manifests of the configured models; keeps the last good ones on failure."""
+        self._enroll()
         found: dict[tuple[str, str], ResourceManifest] = {}
         try:
             for folder in sorted({ref.folder for ref in self._refs}):
