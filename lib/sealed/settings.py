@@ -19,6 +19,7 @@ PASSWORD_ENV = "RESOURCE_API_PASSWORD"  # noqa: S105 - the name of the variable
 EMAIL_ENV = "RESOURCE_API_EMAIL"
 CACHE_DIR_ENV = "MODEL_CACHE_DIR"
 NODE_KEY_FILE_ENV = "SEALSERVE_NODE_KEY_FILE"
+TRUSTED_PUBLISHERS_ENV = "SEALSERVE_TRUSTED_PUBLISHERS"
 # The node's Ed25519 key (lib/sealed/signing.py): made on first start, 0600, never sent.
 DEFAULT_NODE_KEY_FILE = "~/.sealserve/node.key"
 SHA256_HEX = r"^[0-9a-f]{64}$"
@@ -76,10 +77,10 @@ class SealedSettings(BaseModel):
                     "an operator approves it on the resource API before any key is released.",
     )
     trusted_publishers: list[str] = Field(
-        default_factory=list,
-        description="Publishers' Ed25519 public keys (base64, from `sealserve keygen --signing`): "
-                    "a manifest, data key or storage config none of them signed is refused. "
-                    "Empty: nothing is checked (a warning says so).",
+        default_factory=lambda: os.environ.get(TRUSTED_PUBLISHERS_ENV, "").replace(",", " ").split(),
+        description="Publishers' Ed25519 public keys (base64, from `sealserve keygen --signing`; default: "
+                    "SEALSERVE_TRUSTED_PUBLISHERS, comma-separated): a manifest, data key or storage "
+                    "config none of them signed is refused. Empty: nothing is checked (a warning says so).",
     )
     allow_plain_http: bool = Field(
         False, description="Accept plain HTTP to a resource API or S3 endpoint that is not loopback "

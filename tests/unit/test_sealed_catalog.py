@@ -603,3 +603,14 @@ def test_a_model_republished_after_listing_is_refused_or_served_with_its_own_id(
     assert info.path is not None
     assert hashlib.sha256(Path(info.path).read_bytes()).hexdigest() == info.id
 
+
+
+def test_trusted_publishers_come_from_the_settings_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = SigningKey.generate().public_b64, SigningKey.generate().public_b64
+    monkeypatch.setenv("SEALSERVE_TRUSTED_PUBLISHERS", f"{first}, {second}")
+    assert make_settings(tmp_path, ["m"]).trusted_publishers == [first, second]
+    assert make_settings(tmp_path, ["m"], trusted_publishers=[second]).trusted_publishers == [second]
+    with pytest.raises(ValueError, match="Ed25519 public key"):
+        make_settings(tmp_path, ["m"], trusted_publishers=["not-a-key"])
