@@ -150,6 +150,9 @@ class SealedCatalog:
         self._enrolled = True
         if node.status == "approved":
             log.info("node %s is approved for key releases", node.node_id[:16])
+        elif node.status == "revoked":
+            log.error("node %s is revoked: it receives no keys (a new node key must be enrolled)",
+                      node.node_id[:16])
         else:
             log.warning("node %s is %s: approve it with `sealserve resource-api nodes approve %s`",
                         node.node_id[:16], node.status, node.node_id)

@@ -206,6 +206,8 @@ class ResourceClient:
             raise ValidationFailedError("fingerprint: must be 64 lowercase hex characters")
         if not self._approved:
             node = self.enroll(fingerprint)
+            if node.status == "revoked":
+                raise PermissionDeniedError(f"node {node.node_id[:16]} is revoked: it receives no keys")
             if node.status != "approved":
                 raise PermissionDeniedError(
                     f"node {node.node_id[:16]} is {node.status}: an operator approves it with "

@@ -250,6 +250,13 @@ def test_a_node_not_yet_approved_is_told_the_command_and_asks_for_nothing(
     assert client.get("models", "model", NodeKeyPair.generate(), FP).dek == DEK
 
 
+def test_a_revoked_node_is_told_so(api: FakeResourceApi, client: ResourceClient) -> None:
+    api.node_status = "revoked"
+    with pytest.raises(PermissionDeniedError, match="is revoked: it receives no keys"):
+        client.cdn_config(NodeKeyPair.generate(), FP)
+    assert ("POST", "/cdn") not in api.calls
+
+
 def test_a_release_needs_the_node_key_and_plain_http_needs_an_opt_in(api: FakeResourceApi) -> None:
     keyless = ResourceClient("http://127.0.0.1:1", "node@example.com", PASSWORD, session=api)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="node's key"):
