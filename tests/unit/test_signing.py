@@ -93,3 +93,17 @@ def test_node_key_is_made_once_0600_and_never_pickled(tmp_path: Path) -> None:
         load_or_create_node_key(path)
     with pytest.raises(FileExistsError):
         first.save(path)
+
+
+def test_keygen_signing_writes_a_0600_key_and_prints_its_public_key_last(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lib.cli import main
+
+    path = tmp_path / "publisher.key"
+    assert main(["keygen", "--signing", "--key-file", str(path)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert SigningKey.load(path).public_b64 == printed
+    PublisherTrust([printed])  # a valid trusted_publishers entry
+    assert main(["keygen", "--signing", "--key-file", str(path)]) == 2, "never overwrites a key"
