@@ -35,7 +35,7 @@ from bench.report import MB, write_json
 from bench.sealing import make_random_file
 from devservers.resource_api import RecordingSession, ResourceApiServer
 from devservers.s3 import S3Server
-from devservers.stores import sealed_stores
+from devservers.stores import bench_node_key, sealed_stores
 
 BUCKET = "bench-fleet"
 FOLDER = "fleet"
@@ -70,7 +70,8 @@ def node_main(api_url: str, cache: Path) -> int:
     from lib.sealed.resource_client import ResourceClient
 
     session = RecordingSession()
-    resources = ResourceClient(api_url, READER_EMAIL, os.environ[PASSWORD_ENV], session=session)
+    resources = ResourceClient(api_url, READER_EMAIL, os.environ[PASSWORD_ENV], session=session,
+                               node_key=bench_node_key())
     listed = {m.name: m for m in resources.list(FOLDER)}[NAME]
     fetcher = SealedFetcher(resources, fingerprint=node_fingerprint(),
                             cdn_factory=lambda config: CdnClient(config, read_timeout=120.0))

@@ -41,7 +41,7 @@ from typing import Any
 
 from bench.report import MB, write_report
 from bench.sealing import make_random_file
-from devservers.stores import sealed_stores
+from devservers.stores import bench_node_key, sealed_stores
 from lib.digest import sha256_file
 from lib.sealed.cdn import DEFAULT_PART_SIZE, CdnClient
 from lib.sealed.fetch import FetchOutcome, SealedFetcher, SealedRef, TransferPlan
@@ -229,7 +229,8 @@ def run(size_mb: int, repeat: int, workers: int, part_size: int, tmp_dir: Path |
             direct=True,  # straight to moto
         ) as (s3, api):
             publisher = ResourceClient(api.url, PUBLISHER_EMAIL, passwords[PUBLISHER_EMAIL])
-            resources = ResourceClient(api.url, READER_EMAIL, passwords[READER_EMAIL])
+            resources = ResourceClient(api.url, READER_EMAIL, passwords[READER_EMAIL],
+                                       node_key=bench_node_key())
             cdn = CdnClient(s3.config(BUCKET, direct=True), part_size=part_size, max_workers=workers,
                             read_timeout=120.0)
             print(f"writing a {size_mb} MB random file in {work}; S3 at {s3.direct_endpoint_url}, "

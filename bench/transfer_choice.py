@@ -28,7 +28,7 @@ from typing import Any
 from bench.report import MB, write_json
 from bench.sealed_fetch import BUCKET, FOLDER, PUBLISHER_EMAIL, READER_EMAIL, Node
 from bench.sealing import make_random_file
-from devservers.stores import sealed_stores
+from devservers.stores import bench_node_key, sealed_stores
 from lib.sealed.cdn import CdnClient
 from lib.sealed.fetch import TransferPlan
 from lib.sealed.format import DEFAULT_SEGMENT_SIZE, TAG_SIZE
@@ -75,7 +75,8 @@ def run(sizes_mb: list[int], repeat: int, workers: int, tmp_dir: Path | None) ->
                 source.unlink()
             cache = work / "cache"
             cache.mkdir(mode=0o700)
-            node = Node(ResourceClient(api.url, READER_EMAIL, passwords[READER_EMAIL]), cdn, cache)
+            reader = ResourceClient(api.url, READER_EMAIL, passwords[READER_EMAIL], node_key=bench_node_key())
+            node = Node(reader, cdn, cache)
             for size_mb in sizes_mb:
                 results.append(measure(node, size_mb, repeat, workers))
             cdn.close()

@@ -4,8 +4,10 @@
 SQLite file and random secrets (production mode, so nothing is generated behind the test's back),
 waits for ``/health`` with a deadline and returns a handle. Users and the CDN config are added
 through the same CLI an operator uses, passwords and keys passed in environment variables.
-``stop()`` ends the process by its PID. :class:`RecordingSession`, given to a ``ResourceClient``,
-records every request it makes, so a test can assert exactly what went over the wire.
+Nodes are enrolled and approved the same way (``approve_node``: the node's key enrolls over
+HTTP, the operator's ``nodes approve`` approves it). ``stop()`` ends the process by its PID.
+:class:`RecordingSession`, given to a ``ResourceClient``, records every request it makes, so a
+test can assert exactly what went over the wire.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from lib.sealed.resource_client import ResourceClient
+from lib.sealed.signing import SigningKey
 from lib.sealed.wire import CdnConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +90,23 @@ class ResourceApiServer:
             args += ["--fingerprint", fingerprint]
         self.cli(*args, extra_env={"TEST_USER_PASSWORD": password})
 
-    def set_cdn(self, config: CdnConfig) -> None:
+    def approve_node(self, account: tuple[str, str], node_key: SigningKey, fingerprint: str) -> str:
+        """Enroll ``node_key`` as ``account`` (email, password) would, then approve it; its id."""
+        client = ResourceClient(self.url, *account, node_key=node_key)
+        try:
+            node = client.enroll(fingerprint)
+        finally:
+            client.close()
+        self.cli("nodes", "approve", node.node_id)
+        return node.node_id
+
+    def set_cdn(self, config: CdnConfig, *, signing_key_file: Path | None = None) -> None:
         args = ["cdn", "set", "--bucket", config.bucket, "--region", config.region,
                 "--access-key-env", "TEST_S3_ACCESS", "--secret-key-env", "TEST_S3_SECRET"]
         if config.endpoint_url:
             args += ["--endpoint-url", config.endpoint_url]
+        if signing_key_file is not None:
+            args += ["--signing-key", str(signing_key_file)]
         self.cli(*args, extra_env={"TEST_S3_ACCESS": config.access_key_id,
                                    "TEST_S3_SECRET": config.secret_access_key.get_secret_value()})
 

@@ -351,8 +351,8 @@ def _moto_server_executable() -> Path:
     return executable
 
 
-def _launch(port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+def _launch(port: int, log_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", **(extra_env or {}))
     with log_path.open("wb") as log:
         # stderr to a file, not a pipe: werkzeug logs every request, and an unread pipe would fill
         # and freeze the server.
@@ -362,8 +362,12 @@ def _launch(port: int, log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def start_s3_server(deadline_s: float = START_DEADLINE_S) -> S3Server:
-    """Start moto's server on a free port and return once it answers HTTP."""
+def start_s3_server(deadline_s: float = START_DEADLINE_S, *, extra_env: dict[str, str] | None = None
+                    ) -> S3Server:
+    """Start moto's server on a free port and return once it answers HTTP.
+
+    ``extra_env`` goes to moto's process: ``INITIAL_NO_AUTH_ACTION_COUNT=N`` makes it enforce IAM
+    users and policies after its first N requests (tests of least privilege)."""
     failures: list[str] = []
     # The free port can be taken between probing and binding; a fresh port usually fixes that.
     for _ in range(3):
@@ -371,7 +375,7 @@ def start_s3_server(deadline_s: float = START_DEADLINE_S) -> S3Server:
         fd, log_name = tempfile.mkstemp(prefix="moto-server-", suffix=".log")
         os.close(fd)
         log_path = Path(log_name)
-        process = _launch(port, log_path)
+        process = _launch(port, log_path, extra_env)
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline and process.poll() is None:
             if _answers(port):

@@ -1,8 +1,9 @@
 """The outside world of sealed models for integration tests, all real processes on loopback.
 
 An S3-compatible server (moto, behind a counting proxy), the resource API (its own process and
-SQLite database), a publisher and a reader account, the CDN config released through the
-resource API, and the demo models published into it with ``lib.sealed.publish``.
+SQLite database), a publisher and a reader account, this machine's node key enrolled and
+approved, a publisher signing key that signs the CDN config and every manifest (the loaders
+trust it: ``sealed_args``), and the demo models published with ``lib.sealed.publish``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from devservers.s3 import S3Server, start_s3_server
 from lib.cli.publish import detect_kind
 from lib.retry import RetryPolicy
 from lib.sealed.cdn import CdnClient
+from lib.sealed.fingerprint import node_fingerprint
 from lib.sealed.publish import PublishResult, publish_model
 from lib.sealed.resource_client import ResourceClient
-from tests.serve_harness import READER_EMAIL, READER_PASSWORD
+from lib.sealed.signing import SigningKey, load_or_create_node_key
+from tests.serve_harness import NODE_KEY_FILE, READER_EMAIL, READER_PASSWORD
 
 PUBLISHER_EMAIL = "publisher@sealserve.test"
 PUBLISHER_PASSWORD = "publisher-password-for-tests-0123456789"
@@ -40,6 +43,7 @@ class SealedWorld:
     resource_api: ResourceApiServer
     published: dict[str, PublishResult]
     cache_dir: Path
+    signing_key: SigningKey
 
     def publisher(self) -> ResourceClient:
         return ResourceClient(
@@ -57,6 +61,7 @@ class SealedWorld:
         result = publish_model(
             path, name=name, folder=FOLDER, kind=detect_kind(path), resources=self.publisher(),
             cdn=CdnClient(self.s3.config(BUCKET)), small_size_kb=SMALL_SIZE_KB,
+            signing_key=self.signing_key,
         )
         self.published[name] = result
         return result
@@ -68,6 +73,8 @@ class SealedWorld:
             "folder": FOLDER,
             "models": names,
             "cache_dir": str(self.cache_dir),
+            "node_key_file": NODE_KEY_FILE,
+            "trusted_publishers": [self.signing_key.public_b64],
             **FAST_RETRY,
             **overrides,
         }
@@ -82,8 +89,13 @@ def sealed_world(workdir: Path, models: dict[str, Path]) -> Iterator[SealedWorld
     try:
         resource_api.create_user(PUBLISHER_EMAIL, PUBLISHER_PASSWORD, role="publisher")
         resource_api.create_user(READER_EMAIL, READER_PASSWORD, role="reader")
-        resource_api.set_cdn(s3.config(BUCKET))
-        world = SealedWorld(s3, resource_api, {}, cache_dir)
+        node_key = load_or_create_node_key(Path(NODE_KEY_FILE))
+        resource_api.approve_node((READER_EMAIL, READER_PASSWORD), node_key, node_fingerprint())
+        signing_key_file = workdir / "publisher-signing.key"
+        signing_key = SigningKey.generate()
+        signing_key.save(signing_key_file)
+        resource_api.set_cdn(s3.config(BUCKET), signing_key_file=signing_key_file)
+        world = SealedWorld(s3, resource_api, {}, cache_dir, signing_key)
         for name, path in models.items():
             world.publish(path, name)
         s3.reset_counts()

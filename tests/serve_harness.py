@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -28,6 +29,9 @@ TEST_API_KEY = "ss_test_bootstrap_key_0123456789abcdefghijklmnop"
 READER_EMAIL = "reader@sealserve.test"
 READER_PASSWORD = "reader-password-for-tests-0123456789"
 APP_NAME = "sealserve"
+# This machine's node key for every test loader (lib/sealed/signing.py): made on first use, 0600,
+# enrolled and approved on each test's resource API by tests.sealed_world.
+NODE_KEY_FILE = str(Path(tempfile.gettempdir()) / f"sealserve-test-node-{os.getuid()}" / "node.key")
 READY_TIMEOUT_S = 240
 
 T = TypeVar("T")
@@ -51,6 +55,7 @@ def worker_environment() -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "RESOURCE_API_EMAIL": READER_EMAIL,
         "RESOURCE_API_PASSWORD": READER_PASSWORD,
+        "SEALSERVE_NODE_KEY_FILE": NODE_KEY_FILE,
     }
 
 

@@ -4,10 +4,12 @@ See docs/sealed-models.md. The kind of model is recognised from its files unless
 gives it (``detect_kind``: recognition is :mod:`lib.models.files`, which the sealed package
 does not import).
 
-A publisher needs only resource API credentials: the S3 side comes from the CDN config the
-resource API releases (wrapped to a throwaway key pair of this process). ``--bucket`` (with
-``--cdn-endpoint-url`` for a non-AWS store) and ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
-override it. Passwords and keys come from the environment (or a prompt), never the command line.
+A publisher brings its own S3 write credential: ``--bucket`` (with ``--cdn-endpoint-url`` for a
+non-AWS store) and ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``. The resource API only ever
+releases the nodes' read-only credential, and only to approved nodes. ``--signing-key`` (or
+``$SEALSERVE_SIGNING_KEY_FILE``, made by ``sealserve keygen --signing``) signs the manifest.
+Passwords and keys come from the environment (or a prompt), never the command line. Plain HTTP to
+a host other than loopback is refused unless ``--allow-plain-http``.
 
 The id is printed alone on the last line, so ``id=$(sealserve publish ... | tail -n1)`` works.
 """
@@ -27,18 +29,18 @@ from pydantic import SecretStr, ValidationError
 from lib.errors import BadRequestError, PublishError
 from lib.models.files import recognise
 from lib.sealed.cdn import CdnClient
-from lib.sealed.fingerprint import node_fingerprint
 from lib.sealed.format import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE
-from lib.sealed.keywrap import NodeKeyPair
 from lib.sealed.publish import DEFAULT_SMALL_SIZE_KB, KINDS, check_kind, publish_model
 from lib.sealed.resource_client import ResourceClient
-from lib.sealed.wire import CdnConfig
+from lib.sealed.signing import SigningKey
+from lib.sealed.wire import CdnConfig, plain_http_refusal
 
 URL_ENV = "RESOURCE_API_URL"
 EMAIL_ENV = "RESOURCE_API_EMAIL"
 PASSWORD_ENV = "RESOURCE_API_PASSWORD"  # noqa: S105 - the name of a variable, not a password
 ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
 SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 - the name of a variable
+SIGNING_KEY_ENV = "SEALSERVE_SIGNING_KEY_FILE"
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -71,12 +73,15 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     add("--resource-api", metavar="URL", default=None, help=f"resource API URL (default ${URL_ENV})")
     add("--email", default=None,
         help=f"publisher email (default ${EMAIL_ENV}); the password comes from ${PASSWORD_ENV} or a prompt")
-    add("--cdn-endpoint-url", default=None,
-        help="override: S3-compatible endpoint for the big part (needs --bucket)")
-    add("--bucket", default=None,
-        help=f"override: bucket for the big part instead of the resource API's CDN config "
-             f"(keys from ${ACCESS_KEY_ENV} and ${SECRET_KEY_ENV})")
-    add("--region", default="us-east-1", help="override: bucket region (default us-east-1)")
+    add("--cdn-endpoint-url", default=None, help="S3-compatible endpoint for the big part (default: AWS)")
+    add("--bucket", required=True,
+        help=f"bucket for the big part; your own write credential comes from ${ACCESS_KEY_ENV} "
+             f"and ${SECRET_KEY_ENV}")
+    add("--region", default="us-east-1", help="bucket region (default us-east-1)")
+    add("--signing-key", type=Path, default=None, metavar="FILE",
+        help=f"publisher signing key (`sealserve keygen --signing`; default ${SIGNING_KEY_ENV})")
+    add("--allow-plain-http", action="store_true",
+        help="accept plain HTTP to a resource API or S3 endpoint that is not loopback (development only)")
     parser.set_defaults(func=_publish)
 
 
@@ -96,14 +101,15 @@ def _password() -> str:
     return getpass.getpass("resource API password: ")
 
 
-def _override_config(args: argparse.Namespace) -> CdnConfig | None:
-    if args.bucket is None:
-        if args.cdn_endpoint_url is not None:
-            raise BadRequestError("--cdn-endpoint-url needs --bucket")
-        return None
+def _write_config(args: argparse.Namespace) -> CdnConfig:
+    if args.cdn_endpoint_url and not args.allow_plain_http:
+        refusal = plain_http_refusal(args.cdn_endpoint_url, "the S3 endpoint")
+        if refusal is not None:
+            raise BadRequestError(refusal)
     access, secret = os.environ.get(ACCESS_KEY_ENV, ""), os.environ.get(SECRET_KEY_ENV, "")
     if not access or not secret:
-        raise BadRequestError(f"--bucket needs ${ACCESS_KEY_ENV} and ${SECRET_KEY_ENV} in the environment")
+        raise BadRequestError(f"publishing needs your S3 write credential: ${ACCESS_KEY_ENV} and "
+                              f"${SECRET_KEY_ENV} in the environment")
     try:
         return CdnConfig(endpoint_url=args.cdn_endpoint_url, bucket=args.bucket, region=args.region,
                          access_key_id=access, secret_access_key=SecretStr(secret))
@@ -135,21 +141,23 @@ def detect_kind(path: Path, kind: str | None = None) -> str:
 def _publish(args: argparse.Namespace) -> int:
     url = _required(args.resource_api, "--resource-api", URL_ENV)
     email = _required(args.email, "--email", EMAIL_ENV)
-    override = _override_config(args)  # checked before any network call
+    config = _write_config(args)  # checked before any network call
+    key_path = args.signing_key or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV)
+                                    else None)
+    signing_key = SigningKey.load(key_path) if key_path is not None else None
     try:
         # resolve(): recognised as publish_model reads it (a link is published by its target).
         kind = detect_kind(args.path.resolve(), args.kind)
     except OSError as exc:
         raise _local_failure(args.path, exc) from None
-    resources = ResourceClient(url, email, _password())
+    resources = ResourceClient(url, email, _password(), allow_plain_http=args.allow_plain_http)
     try:
-        # The released config is wrapped to a key pair that lives only as long as this process.
-        config = override or resources.cdn_config(NodeKeyPair.generate(), node_fingerprint())
         cdn = CdnClient(config)
         try:
             result = publish_model(
                 args.path, name=args.name, folder=args.folder, kind=kind, resources=resources, cdn=cdn,
                 small_size_kb=args.small_size_kb, segment_size=args.segment_size, work_dir=args.work_dir,
+                signing_key=signing_key,
             )
         except OSError as exc:
             raise _local_failure(args.path, exc) from None

@@ -1,4 +1,9 @@
-"""``sealserve resource-api serve | users create | users list | cdn set``.
+"""``sealserve resource-api serve | users create | users list | nodes list|approve|revoke | cdn set``.
+
+``nodes``: a node enrolls its key on its first key release; it receives nothing until approved
+here (``approve ID``, the id or its first 8+ characters, as ``nodes list`` shows it), and
+``revoke ID`` stops it for good. ``cdn set --signing-key FILE`` signs the storage config with a
+publisher key, so nodes that trust that key accept it.
 
 ``serve`` runs the resource API standalone with uvicorn. Secrets come from the environment only
 (``RESOURCE_MASTER_KEY``, ``RESOURCE_JWT_SECRET``; see :mod:`lib.resource_api.settings`), and
@@ -10,20 +15,24 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from lib.errors import BadRequestError
+from lib.errors import BadRequestError, ConfigurationError
+from lib.resource_api.nodes import NodeRegistry
 from lib.resource_api.passwords import PasswordHasher
 from lib.resource_api.service import ROLES, ResourceService, create_user
 from lib.resource_api.settings import ENV_VARS, ResourceApiSettings, describe_errors
 from lib.resource_api.store import ResourceStore
-from lib.sealed.resource_client import is_loopback_host
-from lib.sealed.wire import CdnConfig
+from lib.sealed.keywrap import b64encode
+from lib.sealed.signing import SigningKey, cdn_message
+from lib.sealed.wire import CdnConfig, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--max-upload-bytes", type=int, default=None)
     serve.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
     serve.add_argument("--ssl-keyfile", default=None)
+    serve.add_argument("--behind-tls-proxy", action="store_true",
+                       help="production on a non-loopback address without --ssl-certfile: a TLS proxy "
+                            "terminates HTTPS in front (otherwise refused)")
     _add_store_arguments(serve)
     serve.set_defaults(func=_serve)
 
@@ -66,6 +78,18 @@ def register(subparsers: Any) -> None:
     _add_store_arguments(listing, secrets=False)
     listing.set_defaults(func=_users_list)
 
+    nodes = commands.add_parser("nodes", help="enrolled nodes: list, approve, revoke")
+    node_commands = nodes.add_subparsers(dest="nodes_command", required=True, metavar="COMMAND")
+    node_list = node_commands.add_parser("list", help="list enrolled nodes and their status")
+    _add_store_arguments(node_list, secrets=False)
+    node_list.set_defaults(func=_nodes_list)
+    actions = (("approve", "let a pending node receive keys"), ("revoke", "refuse a node for good"))
+    for action, what in actions:
+        command = node_commands.add_parser(action, help=what)
+        command.add_argument("node_id", metavar="ID", help="node id, or its first 8+ characters")
+        _add_store_arguments(command, secrets=False)
+        command.set_defaults(func=_nodes_set, status="approved" if action == "approve" else "revoked")
+
     cdn = commands.add_parser("cdn", help="manage the CDN config released to nodes")
     cdn_commands = cdn.add_subparsers(dest="cdn_command", required=True, metavar="COMMAND")
     cdn_set = cdn_commands.add_parser("set", help="store the S3/CDN config, sealed under the master key")
@@ -75,6 +99,8 @@ def register(subparsers: Any) -> None:
     cdn_set.add_argument("--access-key-env", required=True, metavar="VAR")
     cdn_set.add_argument("--secret-key-env", required=True, metavar="VAR")
     cdn_set.add_argument("--environment", choices=["development", "production"], default=None)
+    cdn_set.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
+                         help="publisher signing key (`sealserve keygen --signing`) that signs the config")
     _add_store_arguments(cdn_set)
     cdn_set.set_defaults(func=_cdn_set)
 
@@ -112,6 +138,11 @@ def _serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_bytes,
     )
     if not args.ssl_certfile and not is_loopback_host(args.host):
+        if settings.environment != "development" and not args.behind_tls_proxy:
+            raise ConfigurationError(
+                f"refusing plain HTTP on {args.host} in {settings.environment}: give --ssl-certfile/"
+                "--ssl-keyfile, or --behind-tls-proxy when a proxy terminates TLS in front"
+            )
         log.warning(
             "serving plain HTTP on %s: uploads carry DEKs and logins passwords; put TLS in front",
             args.host,
@@ -183,13 +214,44 @@ def _cdn_set(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise BadRequestError(f"invalid CDN config: {describe_errors(exc)}") from None
+    if args.signing_key is not None:
+        signer = SigningKey.load(args.signing_key)
+        fields = json.loads(config.plaintext_json())
+        signature = {"key": signer.public_b64, "value": b64encode(signer.sign(cdn_message(fields)))}
+        config = CdnConfig.model_validate({**fields, "signature": signature})
     settings = ResourceApiSettings.from_env(
         environment=args.environment, database_url=args.database_url, state_dir=args.state_dir
     )
     service = ResourceService(settings)
     try:
+        service.check_cdn_endpoint(config)
         service.save_cdn_config(config)
     finally:
         service.store.close()
     print(f"CDN config stored: bucket {config.bucket}, region {config.region}")
+    return 0
+
+
+def _nodes_list(args: argparse.Namespace) -> int:
+    store = ResourceStore(_database_url(args))
+    try:
+        nodes = NodeRegistry(store).list()
+    finally:
+        store.close()
+    for node in nodes:
+        print(f"{node.node_id}\t{node.status}\thost={node.hostname or '-'}"
+              f"\tfingerprint={node.fingerprint[:16]}"
+              f"\tenrolled={node.created_at.isoformat()}")
+    if not nodes:
+        print("no nodes", file=sys.stderr)
+    return 0
+
+
+def _nodes_set(args: argparse.Namespace) -> int:
+    store = ResourceStore(_database_url(args))
+    try:
+        node = NodeRegistry(store).set_status(args.node_id, args.status)
+    finally:
+        store.close()
+    print(f"node {node.node_id} ({node.hostname or 'no hostname'}): {node.status}")
     return 0

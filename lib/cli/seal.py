@@ -97,6 +97,20 @@ def _segment_size(text: str) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    if args.signing:
+        from lib.sealed.signing import SigningKey
+
+        key = SigningKey.generate()
+        try:
+            key.save(args.key_file)
+        except FileExistsError:
+            raise KeyFileError(f"{args.key_file} exists; refusing to overwrite a key") from None
+        except OSError as exc:
+            raise KeyFileError(f"cannot write {args.key_file}: {exc.strerror or exc}") from None
+        print(f"wrote a new Ed25519 publisher signing key to {args.key_file} (mode 0600); "
+              "give nodes its public key (sealed.trusted_publishers):")
+        print(key.public_b64)
+        return 0
     write_key_file(args.key_file, generate_key())
     print(f"wrote a new {KEY_SIZE}-byte key to {args.key_file} (mode 0600)")
     return 0
@@ -129,8 +143,12 @@ def _open(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     key_help = f"file holding the {KEY_SIZE}-byte data key as {2 * KEY_SIZE} hex characters"
 
-    keygen = subparsers.add_parser("keygen", help="create a new random data key file (mode 0600)")
+    keygen = subparsers.add_parser(
+        "keygen", help="create a new random data key file, or a publisher signing key (mode 0600)"
+    )
     keygen.add_argument("--key-file", type=Path, required=True, help="where to write the key; must not exist")
+    keygen.add_argument("--signing", action="store_true",
+                        help="an Ed25519 publisher signing key (PEM); its public key is printed last")
     keygen.set_defaults(func=_keygen)
 
     seal = subparsers.add_parser("seal", help="encrypt a model file into the sealed format v1")

@@ -4,7 +4,9 @@ Routes only parse HTTP and call :class:`~lib.resource_api.service.ResourceServic
 JSON (``application/json``, else 415); bytes are base64 (see :mod:`lib.sealed.wire`).
 Errors, request ids and the body limit (413 above ``max_upload_bytes``) are the shared plumbing of
 :mod:`lib.http.errors`, so both sealserve apps answer in the same body shape
-``{"error": {"code", "message", "request_id"}}``.
+``{"error": {"code", "message", "request_id"}}``. :class:`~lib.resource_api.guard.ResourceGuard`
+checks the bearer token and the route's own body cap before any body is read; a throttled login
+is a 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -13,25 +15,31 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.responses import JSONResponse
 
 from lib.http.context import RequestContextMiddleware
-from lib.http.errors import install_error_handlers
+from lib.http.errors import install_error_handlers, request_id_of, sealserve_error_response
+from lib.resource_api.guard import ResourceGuard
 from lib.resource_api.service import ResourceCaller, ResourceService
 from lib.resource_api.settings import ResourceApiSettings
 from lib.resource_api.store import ResourceStore
+from lib.resource_api.throttle import ThrottledError
 from lib.schemas import TokenResponse
 from lib.sealed.wire import (
     FINGERPRINT_PATTERN,
     NAME_PATTERN,
     CdnConfig,
     CdnResponse,
+    EnrollRequest,
     FetchCountResponse,
     FetchKind,
     GetRequest,
     GetResponse,
     ListResponse,
     LoginRequest,
+    NodeInfo,
     NodeKeyRequest,
+    NonceResponse,
     UploadRequest,
     UploadResponse,
 )
@@ -57,8 +65,16 @@ def _add_routes(app: FastAPI, service: ResourceService) -> None:
         return service.health()
 
     @app.post("/login", response_model=TokenResponse)
-    def login(body: LoginRequest) -> TokenResponse:
-        return service.login(body)
+    def login(body: LoginRequest, request: Request) -> TokenResponse:
+        return service.login(body, request.client.host if request.client else "-")
+
+    @app.post("/nodes/enroll", response_model=NodeInfo)
+    def enroll_node(body: EnrollRequest, caller: Caller) -> NodeInfo:
+        return service.enroll(caller, body)
+
+    @app.post("/nodes/nonce", response_model=NonceResponse)
+    def node_nonce(caller: Caller) -> NonceResponse:
+        return service.nonce(caller)
 
     @app.post("/resources/get/{folder}", response_model=GetResponse)
     def get_resource(folder: Folder, body: GetRequest, caller: Caller) -> GetResponse:
@@ -108,7 +124,17 @@ def create_app(settings: ResourceApiSettings, *, store: ResourceStore | None = N
     )
     app.state.service = service
     install_error_handlers(app, log)
+
+    async def on_throttled(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ThrottledError)
+        response = sealserve_error_response(exc, request_id_of(request))
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    app.add_exception_handler(ThrottledError, on_throttled)
     _add_routes(app, service)
+    # The last added runs first: request id and global cap, then the token and the route's cap.
+    app.add_middleware(ResourceGuard, check_token=service.check_token, upload_cap=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
     return app
 

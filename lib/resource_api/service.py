@@ -1,10 +1,12 @@
 """What the resource API does, as plain Python: the routes in :mod:`lib.resource_api.app` parse HTTP
 and call one method here.
 
-Authorization: any user may log in, list, fetch resources and fetch the CDN config; uploads,
-``PUT /cdn`` and fetch statistics need the ``publisher`` role. A user with a fingerprint allow-list
-gets nothing released to a node outside it. The role is read from the database on every request,
-so a demotion takes effect before the token expires.
+Authorization: any user may log in, list, enroll a node and ask for a nonce; a release (a DEK,
+the CDN config) also needs the signature of an approved node key over the request and a fresh
+nonce (:mod:`lib.resource_api.nodes`); uploads, ``PUT /cdn`` and fetch statistics need the
+``publisher`` role. A user with a fingerprint allow-list gets nothing released to a node outside
+it. The role is read from the database on every request, so a demotion takes effect before the
+token expires. Logins are throttled per address and account (:mod:`lib.resource_api.throttle`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from lib.errors import (
     ValidationFailedError,
 )
 from lib.resource_api.master_key import CDN_AAD, MasterKeyCipher, dek_aad
+from lib.resource_api.nodes import NONCE_TTL_SECONDS, NodeRegistry
 from lib.resource_api.passwords import PasswordHasher, check_new_password
 from lib.resource_api.settings import ResourceApiSettings
 from lib.resource_api.store import NewResource, ResourceRecord, ResourceStore, UserRecord
+from lib.resource_api.throttle import HashingSlots, LoginThrottle
 from lib.schemas import TokenResponse
 from lib.sealed.keywrap import wrap_for_node
 from lib.sealed.wire import (
@@ -34,16 +38,20 @@ from lib.sealed.wire import (
     FINGERPRINT_PATTERN,
     CdnConfig,
     CdnResponse,
+    EnrollRequest,
     FetchCountResponse,
     FetchKind,
     GetRequest,
     GetResponse,
     ListResponse,
     LoginRequest,
+    NodeInfo,
     NodeKeyRequest,
+    NonceResponse,
     Role,
     UploadRequest,
     UploadResponse,
+    plain_http_refusal,
 )
 from lib.tokens import TokenService
 
@@ -108,9 +116,13 @@ class ResourceService:
         *,
         store: ResourceStore | None = None,
         hasher: PasswordHasher | None = None,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else ResourceStore(settings.database_url)
+        self.nodes = NodeRegistry(self.store)
+        self._throttle = throttle or LoginThrottle()
+        self._hashing = HashingSlots(settings.max_concurrent_logins)
         self._cipher = MasterKeyCipher(settings.master_key_bytes())
         # The project's one JWT implementation; the role travels as the single scope.
         self._tokens = TokenService(
@@ -126,23 +138,33 @@ class ResourceService:
 
     # -- authentication --------------------------------------------------------------------------
 
-    def login(self, request: LoginRequest) -> TokenResponse:
-        user = self.store.user_by_email(normalize_email(request.email))
-        matches = self._hasher.verify(request.password, user.password_hash if user else self._dummy_hash)
+    def login(self, request: LoginRequest, address: str = "-") -> TokenResponse:
+        email = normalize_email(request.email)
+        # A locked address or account is refused before any hashing: guessing costs us nothing.
+        self._throttle.check(email, address)
+        user = self.store.user_by_email(email)
+        with self._hashing.slot():
+            matches = self._hasher.verify(request.password, user.password_hash if user else self._dummy_hash)
         if user is None or not matches:
+            self._throttle.failed(email, address)
             log.info("login failed (%s)", f"user id {user.id}" if user else "unknown account")
             raise AuthenticationError(_BAD_CREDENTIALS)
+        self._throttle.succeeded(email, address)
         log.info("login ok: user id %d (%s)", user.id, user.role)
         issued = self._tokens.issue(str(user.id), [user.role])
         return TokenResponse(access_token=issued.token, expires_in=issued.expires_in, scope=user.role)
 
-    def authenticate(self, authorization: str | None) -> ResourceCaller:
-        """The caller behind an ``Authorization: Bearer <token>`` header, else 401."""
+    def check_token(self, authorization: str | None) -> str:
+        """The subject of a valid ``Authorization: Bearer <token>`` (signature and times only), else 401."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("expected 'Authorization: Bearer <token>'")
-        claims = self._tokens.verify(token.strip())
-        user = self.store.user_by_id(int(claims.subject)) if claims.subject.isdigit() else None
+        return self._tokens.verify(token.strip()).subject
+
+    def authenticate(self, authorization: str | None) -> ResourceCaller:
+        """The caller behind an ``Authorization: Bearer <token>`` header, else 401."""
+        subject = self.check_token(authorization)
+        user = self.store.user_by_id(int(subject)) if subject.isdigit() else None
         if user is None:
             raise AuthenticationError("invalid or expired token")
         return ResourceCaller(user.id, user.email, user.role, user.allowed_fingerprints)
@@ -182,9 +204,21 @@ class ResourceService:
         log.info("upload %s/%s by user id %d: %s", folder, request.name, principal.user_id, status)
         return UploadResponse(folder=folder, name=request.name, id=request.manifest.id, status=status)
 
+    # -- nodes -----------------------------------------------------------------------------------
+
+    def enroll(self, principal: ResourceCaller, request: EnrollRequest) -> NodeInfo:
+        _check_node(principal, request.fingerprint)
+        node = self.nodes.enroll(public_key=request.node_key, fingerprint=request.fingerprint,
+                                 hostname=request.hostname, user_id=principal.user_id)
+        return node.info()
+
+    def nonce(self, principal: ResourceCaller) -> NonceResponse:
+        return NonceResponse(nonce=self.nodes.issue_nonce(), expires_in=NONCE_TTL_SECONDS)
+
     def get(self, principal: ResourceCaller, folder: str, request: GetRequest) -> GetResponse:
         """The small part, manifest and DEK wrapped to the caller's key and node; logged."""
         _check_node(principal, request.fingerprint)
+        self.nodes.check_release(request, kind="dek", folder=folder, name=request.name)
         record = self.store.resource(folder, request.name)
         if record is None:
             raise NotFoundError(f"no resource {request.name!r} in folder {folder!r}")
@@ -208,6 +242,7 @@ class ResourceService:
 
     def set_cdn_config(self, principal: ResourceCaller, config: CdnConfig) -> None:
         _require_publisher(principal)
+        self.check_cdn_endpoint(config)
         self.save_cdn_config(config)
         log.info("CDN config set by user id %d", principal.user_id)
 
@@ -216,8 +251,17 @@ class ResourceService:
         self.store.set_cdn_config(self._cipher.encrypt(config.plaintext_json(), aad=CDN_AAD))
         log.info("CDN config stored (bucket %s)", config.bucket)
 
+    def check_cdn_endpoint(self, config: CdnConfig) -> None:
+        """In production, a plain-HTTP storage endpoint other than loopback is refused."""
+        if config.endpoint_url is None or self.settings.environment == "development":
+            return
+        refusal = plain_http_refusal(config.endpoint_url, "the storage endpoint")
+        if refusal is not None:
+            raise ValidationFailedError(refusal)
+
     def cdn_config(self, principal: ResourceCaller, request: NodeKeyRequest) -> CdnResponse:
         _check_node(principal, request.fingerprint)
+        self.nodes.check_release(request, kind="cdn", folder=None, name=None)
         sealed = self.store.cdn_config()
         if sealed is None:
             raise NotFoundError("no CDN config has been set")

@@ -40,6 +40,7 @@ ENV_VARS: dict[str, str] = {
     "token_ttl_seconds": "RESOURCE_API_TOKEN_TTL_SECONDS",
     "token_leeway_seconds": "RESOURCE_API_TOKEN_LEEWAY_SECONDS",
     "max_upload_bytes": "RESOURCE_API_MAX_UPLOAD_BYTES",
+    "max_concurrent_logins": "RESOURCE_API_MAX_CONCURRENT_LOGINS",
 }
 DEV_MASTER_KEY_FILE = "dev-resource-master-key"
 DEV_JWT_SECRET_FILE = "dev-resource-jwt-secret"  # noqa: S105 - a file name
@@ -103,6 +104,10 @@ class ResourceApiSettings(BaseModel):
         ge=1024,
         description="Largest accepted request body in bytes (base64 inflates uploads by 4/3); "
         "larger is 413.",
+    )
+    max_concurrent_logins: int = Field(
+        2, ge=1, le=64,
+        description="Password hashes (scrypt, 32 MiB each) run at once; more logins wait, then 429.",
     )
     master_key: SecretStr = Field(
         description=f"{MASTER_KEY_ENV}: 32 bytes (hex or base64) encrypting DEKs and CDN config at rest."

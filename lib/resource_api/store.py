@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -144,6 +145,18 @@ class ResourceStore:
 
     def close(self) -> None:
         self._engine.dispose()
+
+    # For the tables of other modules of this package (lib/resource_api/nodes.py).
+    @property
+    def engine(self) -> Any:
+        return self._engine
+
+    @property
+    def sessions(self) -> sessionmaker[Any]:
+        return self._sessions
+
+    def now(self) -> datetime:
+        return self._clock()
 
     def ping(self) -> None:
         with database_errors(DATABASE, "check the database"), self._engine.connect() as connection:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lib.errors import ModelNotFoundError, ModelUnavailableError
+from lib.errors import ConfigurationError, ModelNotFoundError, ModelUnavailableError
 from lib.retry import RetryPolicy
 from lib.schemas import ModelInfo
 from lib.sealed.fetch import BigPartSource, ResourceSource, SealedFetcher, SealedRef, TransferPlan
@@ -25,8 +25,9 @@ from lib.sealed.fingerprint import node_fingerprint
 from lib.sealed.node_cache import SealedModelCache, describe, process_cache_dir
 from lib.sealed.resource_client import ResourceClient
 from lib.sealed.settings import SealedSettings, reader_credentials
+from lib.sealed.signing import PublisherTrust, load_or_create_node_key
 from lib.sealed.transfer import MiB
-from lib.sealed.wire import CdnConfig, ResourceManifest
+from lib.sealed.wire import CdnConfig, ResourceManifest, plain_http_refusal
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,18 @@ def _unlisted_entry(ref: SealedRef, error: str) -> ModelInfo:
 
 
 def resource_client_from_env(settings: SealedSettings) -> ResourceClient:
+    """The reader's client, holding this node's key (made on the first start)."""
     email, password = reader_credentials(settings)
+    node_key = load_or_create_node_key(Path(settings.node_key_file))
+    log.info("node key %s (%s)", node_key.id[:16], settings.node_key_file)
     return ResourceClient(
         settings.resource_api_url,
         email,
         password,
         timeout=(3.05, settings.timeout_s),
         retry=RetryPolicy(attempts=settings.retry_attempts),
+        node_key=node_key,
+        allow_plain_http=settings.allow_plain_http,
     )
 
 
@@ -86,9 +92,19 @@ class SealedCatalog:
         self._refs = [
             SealedRef(spec.folder or settings.folder, spec.name, spec.id) for spec in settings.models
         ]
+        # Our own client (not one a test injects) enrolls the node key on the first listing, so an
+        # operator sees the node pending before any model is asked for.
+        self._client = resource_client_from_env(settings) if resources is None else None
+        self._enrolled = False
+        self._fingerprint = fingerprint or node_fingerprint()
+        self._trust = PublisherTrust(settings.trusted_publishers)
+        if not self._trust.enforced:
+            log.warning("sealed.trusted_publishers is empty: manifests are not checked for a publisher's "
+                        "signature, so a compromised resource API could substitute a model")
         self._fetcher = SealedFetcher(
-            resources or resource_client_from_env(settings),
-            fingerprint=fingerprint or node_fingerprint(),
+            resources or self._client,  # type: ignore[arg-type]
+            trust=self._trust,
+            fingerprint=self._fingerprint,
             cdn_factory=cdn_factory or self._cdn_client,
             plan=TransferPlan(
                 single_get_max_bytes=settings.single_get_max_mb * MiB,
@@ -111,6 +127,10 @@ class SealedCatalog:
         # model (an ingress, a loader that only lists) never needs it (tests/unit/test_layout.py).
         from lib.sealed.cdn import CdnClient
 
+        endpoint = config.endpoint_url
+        refusal = plain_http_refusal(endpoint, "the storage endpoint") if endpoint else None
+        if refusal is not None and not self._settings.allow_plain_http:
+            raise ConfigurationError(refusal)
         return CdnClient(
             config,
             read_timeout=self._settings.timeout_s,
@@ -119,13 +139,33 @@ class SealedCatalog:
             max_workers=self._settings.download_workers,
         )
 
+    def _enroll(self) -> None:
+        if self._client is None or self._enrolled:
+            return
+        try:
+            node = self._client.enroll(self._fingerprint)
+        except Exception as exc:
+            log.warning("cannot enroll this node's key yet: %s", describe(exc))
+            return
+        self._enrolled = True
+        if node.status == "approved":
+            log.info("node %s is approved for key releases", node.node_id[:16])
+        elif node.status == "revoked":
+            log.error("node %s is revoked: it receives no keys (a new node key must be enrolled)",
+                      node.node_id[:16])
+        else:
+            log.warning("node %s is %s: approve it with `sealserve resource-api nodes approve %s`",
+                        node.node_id[:16], node.status, node.node_id)
+
     def refresh(self) -> None:
         """Re-read the manifests of the configured models; keeps the last good ones on failure."""
+        self._enroll()
         found: dict[tuple[str, str], ResourceManifest] = {}
         try:
             for folder in sorted({ref.folder for ref in self._refs}):
                 for manifest in self._fetcher.list(folder):
                     found[(folder, manifest.name)] = manifest
+            refused = self._unsigned(found)
         except Exception as exc:
             self._note_error(LISTING, f"cannot list sealed models: {describe(exc)}")
             return
@@ -133,12 +173,30 @@ class SealedCatalog:
             self._errors.pop(LISTING, None)
             for ref in self._refs:
                 listed = found.get(ref.location)
+                if ref.location in refused:
+                    self._errors[ref.name] = refused[ref.location]
+                    self._manifests.pop(ref.location, None)
+                    continue
                 if listed is None:
                     self._errors[ref.name] = f"sealed model {ref.folder}/{ref.name} is not published"
                     continue
-                if self._errors.get(ref.name, "").endswith("is not published"):
+                if self._errors.get(ref.name, "").endswith(("is not published", "trusted publisher")):
                     del self._errors[ref.name]
                 self._manifests[ref.location] = listed
+
+    def _unsigned(self, found: dict[tuple[str, str], ResourceManifest]) -> dict[tuple[str, str], str]:
+        """The listed manifests no trusted publisher signed, with the reason; dropped from ``found``."""
+        refused = {}
+        for (folder, name), manifest in list(found.items()):
+            try:
+                self._trust.check_manifest(folder, manifest.model_dump(mode="json"),
+                                           what=f"sealed model {folder}/{name}")
+            except Exception as exc:
+                refused[(folder, name)] = describe(exc)
+                del found[(folder, name)]
+        if refused:
+            log.error("refused listed manifests: %s", "; ".join(refused.values()))
+        return refused
 
     def entries(self) -> list[ModelInfo]:
         with self._lock:

@@ -16,6 +16,7 @@ failure the hidden file is removed, so a path handed out always holds verified b
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import shutil
 import threading
@@ -34,6 +35,7 @@ from lib.sealed.keywrap import NodeKeyPair
 from lib.sealed.layout import SealedLayout
 from lib.sealed.plaintext import PlaintextFile
 from lib.sealed.resource_client import FetchedResource
+from lib.sealed.signing import PublisherTrust
 from lib.sealed.stream import ObjectStream, RangeSource, SegmentStreamer, read_head, stream_all
 from lib.sealed.transfer import MiB
 from lib.sealed.wire import CdnConfig, ResourceManifest
@@ -150,6 +152,8 @@ class SealedFetcher:
 
     ``cdn_factory`` makes the S3 client from the config the resource API releases; it is called
     once, on the first fetch, so a node that lists but never fetches gets no S3 credentials.
+    ``trust`` holds the publishers' public keys: a released manifest, data key or storage config
+    that none of them signed is refused before any byte is fetched with it.
     """
 
     def __init__(
@@ -161,8 +165,10 @@ class SealedFetcher:
         keypair: NodeKeyPair | None = None,
         plan: TransferPlan | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        trust: PublisherTrust | None = None,
     ) -> None:
         self._resources = resources
+        self.trust = trust or PublisherTrust()
         self._fingerprint = fingerprint
         self._keypair = keypair or NodeKeyPair.generate()
         self._cdn_factory = cdn_factory
@@ -178,6 +184,7 @@ class SealedFetcher:
         with self._cdn_lock:
             if self._cdn is None:
                 config = self._resources.cdn_config(self._keypair, self._fingerprint)
+                self.trust.check_cdn(json.loads(config.plaintext_json()))
                 self._cdn = self._cdn_factory(config)
             return self._cdn
 
@@ -235,6 +242,8 @@ class SealedFetcher:
         fetched = self._resources.get(ref.folder, ref.name, self._keypair, self._fingerprint)
         released = time.monotonic()
         manifest = fetched.manifest
+        self.trust.check_manifest(ref.folder, manifest.model_dump(mode="json"), dek=fetched.dek,
+                                  what=f"sealed model {ref.folder}/{ref.name}")
         if ref.id is not None and manifest.id != ref.id:
             raise IntegrityError(
                 f"sealed model {ref.name} has id {manifest.id[:12]}, configuration pins {ref.id[:12]}"

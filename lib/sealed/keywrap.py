@@ -55,6 +55,20 @@ def decode_public_key(text: str) -> bytes:
     return raw
 
 
+def check_peer_public_key(raw: bytes) -> None:
+    """``ValueError`` unless ``raw`` is an X25519 public key a shared secret can be made with.
+
+    A low-order point (all zeros among them) makes X25519 output all zeros, whatever the other
+    key: ``exchange`` refuses it, and so does this check, before any secret is touched.
+    """
+    if len(raw) != PUBLIC_KEY_SIZE:
+        raise ValueError(f"an X25519 public key is {PUBLIC_KEY_SIZE} bytes")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        raise ValueError("the X25519 public key is a low-order point") from None
+
+
 def _info(context: str, fingerprint: str) -> bytes:
     # A "|" inside the context would make two (context, fingerprint) pairs share one info string.
     if not context or "|" in context:

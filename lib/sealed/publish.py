@@ -14,6 +14,10 @@ content only, not on file order, mtimes, owners or umask. Then::
 The big part is uploaded (and its size checked) before the manifest, so a failure can leave at
 most an orphan object on S3, never a manifest that points to a missing big part.
 
+With a publisher signing key (``sealserve keygen --signing``) the manifest carries a commitment to
+the DEK (``dek_commitment``) and the key's Ed25519 signature over the folder and every manifest
+field (``signature``, :mod:`lib.sealed.signing`); nodes that trust the key refuse anything else.
+
 Publishing is idempotent: when the resource API already lists (folder, name) with the same id and
 sealing parameters, and the big object is on S3 with the size that manifest expects, nothing is
 sealed or uploaded and the status is "unchanged".
@@ -45,6 +49,7 @@ from lib.sealed.format import (
     sealed_size,
     split_point,
 )
+from lib.sealed.signing import MANIFEST_SIGNATURE_FIELD, SigningKey, dek_commitment, sign_manifest
 from lib.sealed.wire import NAME_PATTERN, ResourceManifest, UploadResponse, UploadStatus
 
 if TYPE_CHECKING:
@@ -169,12 +174,15 @@ def _find(manifests: list[ResourceManifest], name: str) -> ResourceManifest | No
 
 def _is_current(
     existing: ResourceManifest, *, model_id: str, kind: str, plaintext_size: int, segment_size: int,
-    small_size_kb: int, is_directory: bool, big_key: str,
+    small_size_kb: int, is_directory: bool, big_key: str, signer: SigningKey | None = None,
 ) -> bool:
     """Whether ``existing`` is what publishing now would produce (bar the random DEK, salt, nonces)."""
     expected_sealed = sealed_size(plaintext_size, segment_size)
+    signature = (existing.model_extra or {}).get(MANIFEST_SIGNATURE_FIELD)
+    signed_by = signature.get("key") if isinstance(signature, dict) else None
     return (
-        existing.id == model_id
+        (signer is None or signed_by == signer.public_b64)
+        and existing.id == model_id
         and existing.big_key == big_key
         and existing.kind == kind
         and existing.is_directory == is_directory
@@ -183,6 +191,17 @@ def _is_current(
         and existing.sealed_size == expected_sealed
         and existing.small_size == split_point(expected_sealed, small_size_kb)
     )
+
+
+def _manifest(folder: str, signer: SigningKey | None, dek: bytes, **fields: object) -> ResourceManifest:
+    """The manifest; with a signing key, committed to the DEK and signed for ``folder``."""
+    if signer is None:
+        log.warning("publishing without a signing key: nodes that trust publishers will refuse it")
+        return ResourceManifest.model_validate(fields)
+    fields["dek_commitment"] = dek_commitment(dek, str(fields["id"]))
+    unsigned = ResourceManifest.model_validate(fields).model_dump(mode="json")
+    signature = sign_manifest(signer, folder, unsigned)
+    return ResourceManifest.model_validate({**unsigned, MANIFEST_SIGNATURE_FIELD: signature})
 
 
 def _big_part_intact(cdn: BigPartStore, key: str, expected_size: int) -> bool:
@@ -203,6 +222,7 @@ def publish_model(
     small_size_kb: int = DEFAULT_SMALL_SIZE_KB,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
     work_dir: Path | None = None,
+    signing_key: SigningKey | None = None,
 ) -> PublishResult:
     """Seal the model at ``path`` and publish it as (folder, name); see the module docstring.
 
@@ -238,7 +258,7 @@ def publish_model(
         if existing is not None and _is_current(
             existing, model_id=model_id, kind=model_kind, plaintext_size=plaintext_size,
             segment_size=segment_size, small_size_kb=small_size_kb, is_directory=is_directory,
-            big_key=big_key,
+            big_key=big_key, signer=signing_key,
         ) and _big_part_intact(cdn, big_key, existing.sealed_size - existing.small_size):
             log.info("%s/%s is already published with id %s; nothing to do", folder, name, model_id)
             return PublishResult(
@@ -270,9 +290,10 @@ def publish_model(
             raise IntegrityError(f"s3://{cdn.bucket}/{big_key} holds {landed} bytes after upload, "
                                  f"expected {big_size}")
 
-        manifest = ResourceManifest(
-            id=model_id, name=name, kind=model_kind, plaintext_size=plaintext_size, sealed_size=total,
-            small_size=len(small), big_key=big_key, segment_size=segment_size, is_directory=is_directory,
+        manifest = _manifest(
+            folder, signing_key, dek, id=model_id, name=name, kind=model_kind, plaintext_size=plaintext_size,
+            sealed_size=total, small_size=len(small), big_key=big_key, segment_size=segment_size,
+            is_directory=is_directory,
         )
         response = resources.upload(folder, name, small, manifest, dek)
         log.info("published %s/%s: %s (id %s)", folder, name, response.status, model_id)

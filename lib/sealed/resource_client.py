@@ -6,13 +6,19 @@ or the server rotated its secret, while a 403 is a denial that another login can
 answers are retried with exponential backoff and jitter (:mod:`lib.retry`); when the attempts run
 out the client raises :class:`~lib.errors.UpstreamError` naming the method and path. No message
 or log line carries the password, a token or a key.
+
+A node's client holds the node key (``node_key``): every release (``get``, ``cdn_config``) first
+asks for a fresh nonce and signs the request with it (:mod:`lib.sealed.signing`); the first one
+also enrolls the node key, and until an operator approves it the release is refused, naming the
+command to run. Plain HTTP to a host other than loopback is refused unless ``allow_plain_http``.
 """
 
 from __future__ import annotations
 
 import builtins
-import ipaddress
 import logging
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,15 +32,19 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from lib.errors import (
     ERRORS_BY_STATUS,
     AuthenticationError,
+    ConfigurationError,
     IntegrityError,
+    PermissionDeniedError,
     UpstreamError,
     ValidationFailedError,
 )
 from lib.retry import RetryPolicy, call_with_retries
 from lib.schemas import TokenResponse
 from lib.sealed.keywrap import NodeKeyPair
+from lib.sealed.signing import SigningKey, node_request_message
 from lib.sealed.wire import (
     DEK_BYTES,
+    FINGERPRINT_PATTERN,
     CdnConfig,
     CdnResponse,
     FetchCountResponse,
@@ -42,10 +52,14 @@ from lib.sealed.wire import (
     GetRequest,
     GetResponse,
     ListResponse,
+    NodeInfo,
     NodeKeyRequest,
+    NonceResponse,
     ResourceManifest,
     UploadRequest,
     UploadResponse,
+    is_loopback_host,
+    plain_http_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -101,10 +115,17 @@ class ResourceClient:
         retry: RetryPolicy = DEFAULT_RETRY,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        node_key: SigningKey | None = None,
+        allow_plain_http: bool = False,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("base_url must be an http(s) URL")
+        refusal = plain_http_refusal(base_url, "the resource API")
+        if refusal is not None and not allow_plain_http:
+            raise ConfigurationError(refusal)
+        self._node_key = node_key
+        self._approved = False
         self._base_url = base_url.rstrip("/")
         # Messages name the origin without any user:password@ part of the URL.
         self._origin = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
@@ -117,8 +138,8 @@ class ResourceClient:
         self._token: str | None = None
         self._token_lock = threading.Lock()
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-            log.warning("resource API at %s is plain HTTP: passwords and uploaded keys travel unencrypted",
-                        self._origin)
+            log.warning("resource API at %s is plain HTTP (allowed by allow_plain_http): passwords and "
+                        "keys travel unencrypted", self._origin)
 
     def __repr__(self) -> str:
         return f"ResourceClient(base_url={self._origin!r}, email={self.email!r})"
@@ -140,9 +161,8 @@ class ResourceClient:
 
     def get(self, folder: str, name: str, keypair: NodeKeyPair, fingerprint: str) -> FetchedResource:
         """Fetch (folder, name) and unwrap its DEK; :class:`IntegrityError` if the key does not open."""
-        body = _validated(
-            GetRequest, {"name": name, "public_key": keypair.public_bytes(), "fingerprint": fingerprint}
-        )
+        signed = self._signed("dek", folder, name, keypair, fingerprint)
+        body = _validated(GetRequest, {"name": name, **signed})
         path = f"/resources/get/{_segment(folder)}"
         response = _parse(GetResponse, self._request("POST", path, json_body=body), f"POST {path}")
         dek = keypair.unwrap(response.wrapped_key, fingerprint, context="dek")
@@ -158,13 +178,48 @@ class ResourceClient:
         return _parse(ListResponse, self._request("GET", path), f"GET {path}").resources
 
     def cdn_config(self, keypair: NodeKeyPair, fingerprint: str) -> CdnConfig:
-        body = _validated(NodeKeyRequest, {"public_key": keypair.public_bytes(), "fingerprint": fingerprint})
+        body = _validated(NodeKeyRequest, self._signed("cdn", None, None, keypair, fingerprint))
         response = _parse(CdnResponse, self._request("POST", "/cdn", json_body=body), "POST /cdn")
         plaintext = keypair.unwrap(response.wrapped_config, fingerprint, context="cdn")
         try:
             return CdnConfig.from_plaintext_json(plaintext)
         except ValidationError:
             raise UpstreamError("resource API POST /cdn released a malformed CDN config") from None
+
+    def enroll(self, fingerprint: str, hostname: str | None = None) -> NodeInfo:
+        """Introduce this node's key (idempotent); its status says whether it may receive keys."""
+        if self._node_key is None:
+            raise ConfigurationError("enrolling needs this node's key (node_key)")
+        host = hostname if hostname is not None else socket.gethostname()
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", host)[:253]
+        body = {"node_key": self._node_key.public_b64, "fingerprint": fingerprint, "hostname": host}
+        return _parse(NodeInfo, self._request("POST", "/nodes/enroll", json_body=body), "POST /nodes/enroll")
+
+    def _signed(
+        self, kind: str, folder: str | None, name: str | None, keypair: NodeKeyPair, fingerprint: str
+    ) -> dict[str, Any]:
+        """The node part of a release request: a fresh nonce and the node key's signature over it all."""
+        key = self._node_key
+        if key is None:
+            raise ConfigurationError("a key release needs this node's key (node_key)")
+        if not re.fullmatch(FINGERPRINT_PATTERN, fingerprint):
+            raise ValidationFailedError("fingerprint: must be 64 lowercase hex characters")
+        if not self._approved:
+            node = self.enroll(fingerprint)
+            if node.status == "revoked":
+                raise PermissionDeniedError(f"node {node.node_id[:16]} is revoked: it receives no keys")
+            if node.status != "approved":
+                raise PermissionDeniedError(
+                    f"node {node.node_id[:16]} is {node.status}: an operator approves it with "
+                    f"`sealserve resource-api nodes approve {node.node_id}`"
+                )
+            self._approved = True
+        nonce = _parse(NonceResponse, self._request("POST", "/nodes/nonce"), "POST /nodes/nonce").nonce
+        public_key = keypair.public_bytes()
+        message = node_request_message(kind=kind, folder=folder, name=name, public_key=public_key,
+                                       fingerprint=fingerprint, nonce=nonce, node_id=key.id)
+        return {"public_key": public_key, "fingerprint": fingerprint, "node_id": key.id, "nonce": nonce,
+                "signature": key.sign(message)}
 
     def set_cdn_config(self, config: CdnConfig) -> None:
         """Store the CDN config (publisher only); the secret key travels in the body: use HTTPS."""
@@ -292,13 +347,3 @@ def _parse(model: type[_T], data: Any, what: str) -> _T:
 
 def _segment(value: str) -> str:
     return quote(value, safe="")
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses: the only hosts where plain HTTP is fine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

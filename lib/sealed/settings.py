@@ -18,6 +18,10 @@ from lib.errors import ConfigurationError
 PASSWORD_ENV = "RESOURCE_API_PASSWORD"  # noqa: S105 - the name of the variable
 EMAIL_ENV = "RESOURCE_API_EMAIL"
 CACHE_DIR_ENV = "MODEL_CACHE_DIR"
+NODE_KEY_FILE_ENV = "SEALSERVE_NODE_KEY_FILE"
+TRUSTED_PUBLISHERS_ENV = "SEALSERVE_TRUSTED_PUBLISHERS"
+# The node's Ed25519 key (lib/sealed/signing.py): made on first start, 0600, never sent.
+DEFAULT_NODE_KEY_FILE = "~/.sealserve/node.key"
 SHA256_HEX = r"^[0-9a-f]{64}$"
 # tmpfs: plaintext weights never reach a persistent disk. The cache refuses a directory here
 # that another user owns (see lib.sealed.node_cache.process_cache_dir).
@@ -67,6 +71,33 @@ class SealedSettings(BaseModel):
     part_size_mb: int = Field(8, ge=1, le=512, description="Size of one ranged GET, in MiB.")
     retry_attempts: int = Field(4, ge=1, le=10, description="Attempts per network call (first included).")
     timeout_s: float = Field(30.0, gt=0, description="Read timeout of each network call.")
+    node_key_file: str = Field(
+        default_factory=lambda: os.environ.get(NODE_KEY_FILE_ENV, DEFAULT_NODE_KEY_FILE),
+        description="This node's Ed25519 key (SEALSERVE_NODE_KEY_FILE), made 0600 on first start; "
+                    "an operator approves it on the resource API before any key is released.",
+    )
+    trusted_publishers: list[str] = Field(
+        default_factory=lambda: os.environ.get(TRUSTED_PUBLISHERS_ENV, "").replace(",", " ").split(),
+        description="Publishers' Ed25519 public keys (base64, from `sealserve keygen --signing`; default: "
+                    "SEALSERVE_TRUSTED_PUBLISHERS, comma-separated): a manifest, data key or storage "
+                    "config none of them signed is refused. Empty: nothing is checked (a warning says so).",
+    )
+    allow_plain_http: bool = Field(
+        False, description="Accept plain HTTP to a resource API or S3 endpoint that is not loopback "
+                           "(development only: passwords and keys would travel unencrypted).",
+    )
+
+    @field_validator("trusted_publishers")
+    @classmethod
+    def _check_publisher_keys(cls, value: list[str]) -> list[str]:
+        from lib.sealed.signing import decode_ed25519_public_key
+
+        for text in value:
+            try:
+                decode_ed25519_public_key(text)
+            except ValueError:
+                raise ValueError("each trusted publisher is a base64 Ed25519 public key (32 bytes)") from None
+        return value
 
     @field_validator("models", mode="before")
     @classmethod

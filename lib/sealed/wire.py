@@ -12,8 +12,10 @@ its bytes are meant for encryption (at rest under the master key, in transit wra
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -25,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from lib.sealed.keywrap import PUBLIC_KEY_SIZE, WrappedSecret, b64decode, b64encode
+from lib.sealed.keywrap import PUBLIC_KEY_SIZE, WrappedSecret, b64decode, b64encode, check_peer_public_key
 
 Role = Literal["publisher", "reader"]
 FetchKind = Literal["dek", "cdn"]
@@ -37,6 +39,27 @@ FINGERPRINT_PATTERN = r"^[0-9a-f]{64}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+$"
 DEK_BYTES = 32
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses: the only hosts where plain HTTP is fine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_refusal(url: str, what: str) -> str | None:
+    """Why ``url`` may not be used (plain HTTP to a host other than loopback), or None."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname or "")):
+        return None
+    if parts.scheme == "http":
+        return (f"{what} {parts.scheme}://{parts.hostname} is plain HTTP to another host: secrets and "
+                "keys would travel unencrypted; use https:// (or allow_plain_http in development)")
+    return f"{what} must be an http(s) URL"
 
 
 def _from_b64(value: Any) -> Any:
@@ -52,6 +75,9 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, description="a folder or resou
 Fingerprint = Annotated[
     str, Field(pattern=FINGERPRINT_PATTERN, description="node fingerprint: 64 lowercase hex chars")
 ]
+NODE_ID_PATTERN = r"^[0-9a-f]{64}$"
+NONCE_PATTERN = r"^[A-Za-z0-9_-]{32,64}$"
+NodeStatusName = Literal["pending", "approved", "revoked"]
 
 
 class _Request(BaseModel):
@@ -112,20 +138,58 @@ class UploadResponse(BaseModel):
 
 
 class NodeKeyRequest(_Request):
-    """Who a secret is released to: one process's public key on one node."""
+    """Who a secret is released to: one process's public key on one approved node.
+
+    ``signature`` is the node key's Ed25519 signature of
+    :func:`lib.sealed.signing.node_request_message` over this request and a fresh ``nonce``
+    from ``POST /nodes/nonce`` (single use, short-lived).
+    """
 
     public_key: B64Bytes = Field(description="base64 of the caller's ephemeral X25519 public key")
     fingerprint: Fingerprint
+    node_id: str = Field(pattern=NODE_ID_PATTERN, description="SHA-256 hex of the node's Ed25519 key")
+    nonce: str = Field(pattern=NONCE_PATTERN, description="a fresh nonce from POST /nodes/nonce")
+    signature: B64Bytes = Field(description="base64 of the node key's Ed25519 signature (64 bytes)")
 
     @model_validator(mode="after")
     def _check_key(self) -> NodeKeyRequest:
         if len(self.public_key) != PUBLIC_KEY_SIZE:
             raise ValueError(f"public_key must be {PUBLIC_KEY_SIZE} bytes")
+        # A low-order point (all zeros, ...) would make every shared secret the same.
+        check_peer_public_key(self.public_key)
+        if len(self.signature) != 64:
+            raise ValueError("signature must be 64 bytes")
         return self
 
 
 class GetRequest(NodeKeyRequest):
     name: Name
+
+
+class NonceResponse(BaseModel):
+    nonce: str
+    expires_in: int = Field(description="seconds the nonce stays valid; it is valid once")
+
+
+class EnrollRequest(_Request):
+    """A node introducing its key; it releases nothing until an operator approves it."""
+
+    node_key: B64Bytes = Field(description="base64 of the node's Ed25519 public key (32 bytes)")
+    fingerprint: Fingerprint
+    hostname: str = Field("", max_length=253, pattern=r"^[A-Za-z0-9._-]*$")
+
+    @model_validator(mode="after")
+    def _check_key(self) -> EnrollRequest:
+        if len(self.node_key) != 32:
+            raise ValueError("node_key must be 32 bytes")
+        return self
+
+
+class NodeInfo(BaseModel):
+    node_id: str
+    fingerprint: str
+    hostname: str
+    status: NodeStatusName
 
 
 class GetResponse(BaseModel):
@@ -153,6 +217,9 @@ class CdnConfig(BaseModel):
     region: str = Field(default="us-east-1", min_length=1, max_length=64, description="bucket region")
     access_key_id: str = Field(min_length=1, max_length=256, description="S3 access key id")
     secret_access_key: SecretStr = Field(description="S3 secret access key")
+    signature: dict[str, str] | None = Field(
+        default=None, description="a publisher's signature of the rest (lib.sealed.signing.cdn_message)"
+    )
 
     def plaintext_json(self) -> bytes:
         """The config as JSON with the secret revealed: only ever encrypt these bytes."""

@@ -28,6 +28,7 @@ from devservers.resource_api import (
 from devservers.s3 import S3Server
 from lib.cli.publish import detect_kind
 from lib.digest import sha256_file
+from lib.errors import IntegrityError
 from lib.retry import RetryPolicy
 from lib.sealed.archive import pack_directory
 from lib.sealed.cdn import CdnClient
@@ -36,12 +37,14 @@ from lib.sealed.format import JoinedReader, open_stream
 from lib.sealed.keywrap import NodeKeyPair
 from lib.sealed.publish import PublishResult, publish_model
 from lib.sealed.resource_client import ResourceClient
+from lib.sealed.signing import PublisherTrust, SigningKey
 
 BUCKET = "sealed-models"
 FOLDER = "models"
 PUBLISHER = ("publisher@example.com", "publish-integration-publisher-pw")
 READER = ("reader@example.com", "publish-integration-reader-pw")
 NODE = node_fingerprint(machine_id_path=os.devnull, hostname="node-a", gpu_uuids=["GPU-a"])
+NODE_KEY = SigningKey.generate()
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2)
 
 
@@ -55,6 +58,7 @@ def resource_api(
         server.create_user(*READER, role="reader")
         # Through the counting proxy, so the tests can tell which S3 requests publishing made.
         server.set_cdn(s3_server.config(BUCKET))
+        server.approve_node(READER, NODE_KEY, NODE)
         yield server
     finally:
         server.stop()
@@ -65,7 +69,8 @@ def resource_api(
 
 def _client(server: ResourceApiServer, who: tuple[str, str], session: RecordingSession | None = None
             ) -> ResourceClient:
-    return ResourceClient(server.url, *who, timeout=(1.0, 10.0), retry=FAST_RETRY, session=session)
+    return ResourceClient(server.url, *who, timeout=(1.0, 10.0), retry=FAST_RETRY, session=session,
+                          node_key=NODE_KEY)
 
 
 def _publish(server: ResourceApiServer, s3: S3Server, path: Path, name: str, work: Path,
@@ -78,12 +83,15 @@ def _publish(server: ResourceApiServer, s3: S3Server, path: Path, name: str, wor
         cdn.close()
 
 
-def _fetch_as_node(server: ResourceApiServer, name: str, dest: Path) -> tuple[dict[str, Any], Path]:
+def _fetch_as_node(server: ResourceApiServer, name: str, dest: Path, trust: PublisherTrust | None = None
+                   ) -> tuple[dict[str, Any], Path]:
     """What a node does: key release to its own key pair, CDN config, download, join, open."""
     keypair = NodeKeyPair.generate()
     reader = _client(server, READER)
     fetched = reader.get(FOLDER, name, keypair, NODE)
     manifest = fetched.manifest.model_dump()
+    (trust or PublisherTrust()).check_manifest(FOLDER, fetched.manifest.model_dump(mode="json"),
+                                               dek=fetched.dek, what=name)
     cdn = CdnClient(reader.cdn_config(keypair, NODE), part_size=1 << 20, retry_policy=FAST_RETRY)
     dest.mkdir(parents=True, exist_ok=True)
     big, plaintext = dest / "big", dest / "plaintext"
@@ -142,11 +150,15 @@ def test_publish_a_directory_fetch_it_as_a_node_and_republish_unchanged(
         "no resource upload for an unchanged model"
 
 
-def _cli_publish(server: ResourceApiServer, *argv: str) -> list[str]:
+def _cli_publish(server: ResourceApiServer, s3: S3Server, *argv: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RESOURCE_API_"))}
-    # Credentials in the environment only, as an operator would pass them.
+    # Credentials in the environment only, as an operator would pass them; the publisher's own
+    # S3 write credential, never one released by the resource API.
+    write = s3.config(BUCKET)
     env.update(RESOURCE_API_URL=server.url, RESOURCE_API_EMAIL=PUBLISHER[0],
-               RESOURCE_API_PASSWORD=PUBLISHER[1])
+               RESOURCE_API_PASSWORD=PUBLISHER[1], AWS_ACCESS_KEY_ID=write.access_key_id,
+               AWS_SECRET_ACCESS_KEY=write.secret_access_key.get_secret_value())
+    argv = (*argv, "--bucket", BUCKET, "--cdn-endpoint-url", str(write.endpoint_url))
     done = subprocess.run([*SEALSERVE_CLI, "publish", *argv], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -154,25 +166,32 @@ def _cli_publish(server: ResourceApiServer, *argv: str) -> list[str]:
     return done.stdout.strip().splitlines()
 
 
-def test_cli_publishes_a_single_file_with_the_cdn_config_of_the_resource_api(
+def test_cli_publishes_a_single_file_with_its_own_credential_and_signs_it(
     resource_api: ResourceApiServer, s3_server: S3Server, demo_models_dir: Path, tmp_path: Path
 ) -> None:
     weights = demo_models_dir / "tiny-classifier" / "model.safetensors"
-    argv = [str(weights), "--name", "classifier-weights", "--folder", FOLDER,
-            "--kind", "image-classification", "--segment-size", "65536", "--work-dir", str(tmp_path / "work")]
+    signer = SigningKey.generate()
+    signer.save(tmp_path / "signing.key")
+    argv = [str(weights), "--name", "classifier-weights", "--folder", FOLDER, "--signing-key",
+            str(tmp_path / "signing.key"), "--kind", "image-classification", "--segment-size", "65536",
+            "--work-dir", str(tmp_path / "work")]
     s3_server.reset_counts()
-    lines = _cli_publish(resource_api, *argv)
+    lines = _cli_publish(resource_api, s3_server, *argv)
     assert lines[-1] == sha256_file(weights), "the id alone on the last line"
     assert lines[0].startswith(f"created: {FOLDER}/classifier-weights")
     assert s3_server.request_count("PUT", f"/{BUCKET}/{FOLDER}/classifier-weights/{lines[-1]}.big") >= 1
 
-    manifest, plaintext = _fetch_as_node(resource_api, "classifier-weights", tmp_path / "node")
+    manifest, plaintext = _fetch_as_node(resource_api, "classifier-weights", tmp_path / "node",
+                                         PublisherTrust([signer.public_b64]))
+    with pytest.raises(IntegrityError, match="trusted publisher"):
+        _fetch_as_node(resource_api, "classifier-weights", tmp_path / "node2",
+                       PublisherTrust([SigningKey.generate().public_b64]))
     assert (manifest["kind"], manifest["is_directory"], manifest["segment_size"]) == \
         ("image-classification", False, 65536)
     assert plaintext.read_bytes() == weights.read_bytes()
 
     s3_server.reset_counts()
-    lines = _cli_publish(resource_api, *argv)
+    lines = _cli_publish(resource_api, s3_server, *argv)
     assert lines[0].startswith("unchanged:") and lines[-1] == manifest["id"]
     assert _s3_writes(s3_server) == 0
     assert list((tmp_path / "work").iterdir()) == []

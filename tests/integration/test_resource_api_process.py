@@ -1,4 +1,9 @@
-"""The resource API as a real process on loopback, driven by ResourceClient over real HTTP."""
+"""The resource API as a real process on loopback, driven by ResourceClient over real HTTP.
+
+Besides the round trips, the attacks of docs/security-sealed.md are run against the process: a
+stolen reader password with the thief's own node key, an unsigned release, a replayed one, a
+claimed fingerprint, an all-zero X25519 key, and 20 failed logins.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from lib.errors import AuthenticationError, PermissionDeniedError, UpstreamError
 from lib.retry import RetryPolicy
 from lib.sealed.fingerprint import node_fingerprint
 from lib.sealed.format import generate_key, open_stream, seal_stream, split_point
-from lib.sealed.keywrap import NodeKeyPair
+from lib.sealed.keywrap import NodeKeyPair, b64encode
 from lib.sealed.resource_client import ResourceClient
+from lib.sealed.signing import SigningKey, node_request_message
 from lib.sealed.wire import CdnConfig, ResourceManifest
 
 TOKEN_TTL_S = 2
@@ -33,7 +39,10 @@ READER = ("reader@example.com", "integration-reader-pw")
 PINNED = ("pinned@example.com", "integration-pinned-pw")
 FP_A = node_fingerprint(machine_id_path=os.devnull, hostname="node-a", gpu_uuids=["GPU-a"])
 FP_B = node_fingerprint(machine_id_path=os.devnull, hostname="node-b", gpu_uuids=["GPU-b"])
+FP_C = node_fingerprint(machine_id_path=os.devnull, hostname="node-c", gpu_uuids=["GPU-c"])
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2)
+# The approved node keys of FP_A and FP_B (FP_C is nobody's).
+NODE_KEYS = {FP_A: SigningKey.generate(), FP_B: SigningKey.generate()}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +52,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResourceApiServ
         server.create_user(*PUBLISHER, role="publisher")
         server.create_user(*READER, role="reader")
         server.create_user(*PINNED, role="reader", fingerprints=[FP_A])
+        for fingerprint, key in NODE_KEYS.items():
+            server.approve_node(READER, key, fingerprint)
         yield server
     finally:
         server.stop()
@@ -54,9 +65,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResourceApiServ
         assert secret not in log
 
 
-def _client(server: ResourceApiServer, who: tuple[str, str], session: requests.Session | None = None
-            ) -> ResourceClient:
-    return ResourceClient(server.url, who[0], who[1], timeout=(1.0, 10.0), retry=FAST_RETRY, session=session)
+def _client(server: ResourceApiServer, who: tuple[str, str], session: requests.Session | None = None,
+            node: str = FP_A) -> ResourceClient:
+    """A client as the approved node ``node`` (a fingerprint of NODE_KEYS) would hold it."""
+    return ResourceClient(server.url, who[0], who[1], timeout=(1.0, 10.0), retry=FAST_RETRY, session=session,
+                          node_key=NODE_KEYS.get(node))
 
 
 def _publish(server: ResourceApiServer, name: str, plaintext: bytes) -> tuple[bytes, bytes]:
@@ -98,7 +111,7 @@ def test_cdn_config_set_by_cli_and_client(server: ResourceApiServer) -> None:
     released = _client(server, READER).cdn_config(NodeKeyPair.generate(), FP_A)
     assert released.plaintext_json() == config.plaintext_json()
     _client(server, PUBLISHER).set_cdn_config(config.model_copy(update={"bucket": "sealed-2"}))
-    assert _client(server, READER).cdn_config(NodeKeyPair.generate(), FP_B).bucket == "sealed-2"
+    assert _client(server, READER, node=FP_B).cdn_config(NodeKeyPair.generate(), FP_B).bucket == "sealed-2"
 
 
 def test_relogin_after_token_expiry_happens_on_401(server: ResourceApiServer) -> None:
@@ -107,13 +120,15 @@ def test_relogin_after_token_expiry_happens_on_401(server: ResourceApiServer) ->
     client = _client(server, READER, session)
     keypair = NodeKeyPair.generate()
     client.get("models", "expiry", keypair, FP_A)
-    assert session.calls == [("POST", "/login", 200), ("POST", "/resources/get/models", 200)]
+    assert session.calls == [("POST", "/login", 200), ("POST", "/nodes/enroll", 200),
+                             ("POST", "/nodes/nonce", 200), ("POST", "/resources/get/models", 200)]
     time.sleep(TOKEN_TTL_S + 1.1)  # exp = iat + TTL with iat floored to the second; no leeway
     session.calls.clear()
     assert client.get("models", "expiry", keypair, FP_A).manifest.name == "expiry"
     assert session.calls == [
-        ("POST", "/resources/get/models", 401),
+        ("POST", "/nodes/nonce", 401),
         ("POST", "/login", 200),
+        ("POST", "/nodes/nonce", 200),
         ("POST", "/resources/get/models", 200),
     ]
 
@@ -123,11 +138,12 @@ def test_403_is_a_denial_and_not_retried(server: ResourceApiServer) -> None:
     publisher = _client(server, PUBLISHER)
     before = publisher.fetch_count(name="pinned")
     session = RecordingSession()
-    pinned = _client(server, PINNED, session)
+    pinned = _client(server, PINNED, session, node=FP_B)
     with pytest.raises(PermissionDeniedError):
         pinned.get("models", "pinned", NodeKeyPair.generate(), FP_B)
-    assert session.calls == [("POST", "/login", 200), ("POST", "/resources/get/models", 403)]
+    assert session.calls == [("POST", "/login", 200), ("POST", "/nodes/enroll", 403)]
     assert publisher.fetch_count(name="pinned") == before, "a denied request releases nothing"
+    pinned = _client(server, PINNED, node=FP_A)
     assert pinned.get("models", "pinned", NodeKeyPair.generate(), FP_A).manifest.name == "pinned"
     assert publisher.fetch_count(name="pinned") == before + 1
     assert publisher.fetch_count(name="pinned", fingerprint=FP_B) == 0
@@ -169,3 +185,105 @@ def test_nothing_listening_is_an_upstream_error(tmp_path: Path) -> None:
     with pytest.raises(UpstreamError, match=r"GET /stats/fetches failed: .* unreachable after 3 attempts"):
         client.fetch_count()
     assert session.calls == [("POST", "/login", "ConnectionError")] * FAST_RETRY.attempts
+
+
+# -- attacks --------------------------------------------------------------------------------------
+
+
+def _token(server: ResourceApiServer, who: tuple[str, str]) -> dict[str, str]:
+    response = requests.post(f"{server.url}/login", json={"email": who[0], "password": who[1]}, timeout=10)
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+def _signed_get(server: ResourceApiServer, headers: dict[str, str], name: str, keypair: NodeKeyPair,
+                fingerprint: str, node_key: SigningKey, *, node_id: str | None = None) -> dict[str, object]:
+    """A release body exactly as an approved node builds it (lib/sealed/resource_client.py)."""
+    nonce = requests.post(f"{server.url}/nodes/nonce", headers=headers, timeout=10).json()["nonce"]
+    node_id = node_id or node_key.id
+    message = node_request_message(kind="dek", folder="models", name=name,
+                                   public_key=keypair.public_bytes(), fingerprint=fingerprint, nonce=nonce,
+                                   node_id=node_id)
+    return {"name": name, "public_key": keypair.public_key_b64(), "fingerprint": fingerprint,
+            "node_id": node_id, "nonce": nonce, "signature": b64encode(node_key.sign(message))}
+
+
+def _post_get(server: ResourceApiServer, headers: dict[str, str], body: dict[str, object]
+              ) -> requests.Response:
+    return requests.post(f"{server.url}/resources/get/models", json=body, headers=headers, timeout=10)
+
+
+def test_a_stolen_reader_password_or_a_claimed_fingerprint_releases_nothing(
+    server: ResourceApiServer,
+) -> None:
+    _publish(server, "target", os.urandom(5000))
+    publisher = _client(server, PUBLISHER)
+    before = publisher.fetch_count(name="target")
+    # The thief has the reader's password and makes a node key of its own: it stays pending.
+    thief_key = SigningKey.generate()
+    thief = ResourceClient(server.url, *READER, retry=FAST_RETRY, node_key=thief_key)
+    with pytest.raises(PermissionDeniedError, match="is pending"):
+        thief.get("models", "target", NodeKeyPair.generate(), FP_C)
+    headers = _token(server, READER)
+    keypair = NodeKeyPair.generate()
+    # An approved node's fingerprint claimed with the thief's key (new, so pending), or with the
+    # approved node's id but the thief's signature.
+    claimed = _signed_get(server, headers, "target", keypair, FP_A, thief_key)
+    assert _post_get(server, headers, claimed).status_code == 403
+    impersonated = _signed_get(server, headers, "target", keypair, FP_A, thief_key,
+                               node_id=NODE_KEYS[FP_A].id)
+    assert _post_get(server, headers, impersonated).status_code == 403
+    # An approved node's key with another fingerprint than the one it enrolled with.
+    moved = _signed_get(server, headers, "target", keypair, FP_C, NODE_KEYS[FP_A])
+    assert _post_get(server, headers, moved).status_code == 403
+    # The request of before this change: no node, no nonce, no signature.
+    unsigned = {"name": "target", "public_key": keypair.public_key_b64(), "fingerprint": FP_A}
+    assert _post_get(server, headers, unsigned).status_code == 422
+    assert publisher.fetch_count(name="target") == before, "nothing was released"
+
+
+def test_a_replayed_or_altered_release_request_releases_nothing(server: ResourceApiServer) -> None:
+    _publish(server, "replayed", os.urandom(5000))
+    publisher = _client(server, PUBLISHER)
+    before = publisher.fetch_count(name="replayed")
+    headers = _token(server, READER)
+    body = _signed_get(server, headers, "replayed", NodeKeyPair.generate(), FP_A, NODE_KEYS[FP_A])
+    assert _post_get(server, headers, body).status_code == 200
+    assert _post_get(server, headers, body).status_code == 403, "a nonce is good once"
+    # A captured request with the attacker's ephemeral key swapped in, or the nonce of a fresh one.
+    captured = _signed_get(server, headers, "replayed", NodeKeyPair.generate(), FP_A, NODE_KEYS[FP_A])
+    swapped = {**captured, "public_key": NodeKeyPair.generate().public_key_b64()}
+    assert _post_get(server, headers, swapped).status_code == 403
+    fresh = requests.post(f"{server.url}/nodes/nonce", headers=headers, timeout=10).json()["nonce"]
+    assert _post_get(server, headers, {**captured, "nonce": fresh}).status_code == 403
+    assert publisher.fetch_count(name="replayed") == before + 1, "only the genuine request released"
+
+
+def test_an_all_zero_x25519_key_is_a_422_not_a_500(server: ResourceApiServer) -> None:
+    headers = _token(server, READER)
+    body = _signed_get(server, headers, "target", NodeKeyPair.generate(), FP_A, NODE_KEYS[FP_A])
+    response = _post_get(server, headers, {**body, "public_key": b64encode(bytes(32))})
+    assert response.status_code == 422 and "low-order" in response.json()["error"]["message"]
+
+
+def test_twenty_failed_logins_are_throttled_with_retry_after(tmp_path: Path) -> None:
+    server = start_resource_api_server(tmp_path / "throttled")
+    try:
+        server.create_user(*READER, role="reader")
+        statuses, retry_after = [], []
+        for n in range(20):
+            response = requests.post(f"{server.url}/login", timeout=10,
+                                     json={"email": READER[0], "password": f"guess-{n:04d}-wrong"})
+            statuses.append(response.status_code)
+            retry_after.append(response.headers.get("Retry-After"))
+        assert statuses[:5] == [401] * 5 and statuses[5:] == [429] * 15, statuses
+        assert all(value is not None and int(value) >= 1 for value in retry_after[5:])
+        right = requests.post(f"{server.url}/login", timeout=10,
+                              json={"email": READER[0], "password": READER[1]})
+        assert right.status_code == 429, "while locked, even the right password is not checked"
+        assert right.json()["error"]["code"] == "rate_limited"
+        anonymous = requests.post(f"{server.url}/resources/get/models", data=b"x" * 100_000, timeout=10,
+                                  headers={"Content-Type": "application/json"})
+        assert anonymous.status_code == 401, "authenticated before the body is read"
+    finally:
+        server.stop()

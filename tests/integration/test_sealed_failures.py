@@ -1,11 +1,13 @@
 """Sealed models when something is wrong: each failure is a clear 503, in /health and in the logs.
 
-The cases run in order against one Serve instance: wrong reader credentials (a second app),
-a corrupted big part, S3 down, then the resource API down. Nothing unverified is ever loaded.
+The cases run in order against one Serve instance: wrong reader credentials (a second app), a
+manifest forged by a publisher the nodes do not trust, a corrupted big part, S3 down, then the
+resource API down. Nothing unverified is ever loaded.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,16 @@ import ray
 from ray import serve
 
 from deployments.app import bind_graph
+from lib.cli.publish import detect_kind
+from lib.sealed.cdn import CdnClient
+from lib.sealed.publish import publish_model
+from lib.sealed.signing import SigningKey
 from lib.settings import AppSettings
 from tests.integration.test_api import assert_error, png_b64
-from tests.sealed_world import SealedWorld, mark_unique, sealed_world
+from tests.sealed_world import BUCKET, FOLDER, SMALL_SIZE_KB, SealedWorld, mark_unique, sealed_world
 from tests.serve_harness import ServeInstance, running_serve, start_ray, wait_ready
 
-MODELS = ("clf-corrupt", "clf-s3-down", "clf-api-down")
+MODELS = ("clf-corrupt", "clf-s3-down", "clf-api-down", "clf-forged")
 WRONG_READER = ("wrong-reader@sealserve.test", "a-password-the-loader-does-not-have")
 
 
@@ -102,6 +108,31 @@ def test_wrong_reader_password(
     finally:
         serve.delete("badcreds")
     assert world.key_releases("clf-api-down") == 0
+
+
+def test_a_manifest_no_trusted_publisher_signed_is_never_fetched(
+    api: ServeInstance, world: SealedWorld, demo_models_dir: Path, tmp_path: Path
+) -> None:
+    """A publisher account (or a compromised resource API) replaces clf-forged with a model of its
+    own, signed by a key the nodes do not trust: the loaders refuse its listing and never fetch it."""
+    genuine = world.published["clf-forged"]
+    forged_source = mark_unique(demo_models_dir / "tiny-classifier", tmp_path / "forged")[0]
+    forged = publish_model(
+        forged_source, name="clf-forged", folder=FOLDER, kind=detect_kind(forged_source),
+        resources=world.publisher(), cdn=CdnClient(world.s3.config(BUCKET)), small_size_kb=SMALL_SIZE_KB,
+        signing_key=SigningKey.generate(),
+    )
+    assert forged.status == "replaced" and forged.id != genuine.id
+    deadline = time.monotonic() + 60  # the loaders list every model_scan_interval (2 s)
+    while not any("clf-forged" in e and "not signed by a trusted publisher" in e for e in health_errors(api)):
+        assert time.monotonic() < deadline, health_errors(api)
+        time.sleep(0.5)
+    listed = [m["id"] for m in api.get("/v1/models", headers=api.auth()).json()["models"]]
+    assert forged.id not in listed
+    assert classify(api, forged.id).status_code in (404, 503)
+    assert classify(api, "clf-forged").status_code in (404, 503)
+    assert world.key_releases("clf-forged") == 0 and world.s3.download_count(BUCKET, forged.big_key) == 0
+    assert forged.id not in loaded_classifiers(api)
 
 
 def test_corrupted_big_part(api: ServeInstance, world: SealedWorld) -> None:

@@ -28,6 +28,7 @@ from lib.sealed.format import DEFAULT_SEGMENT_SIZE, TAG_SIZE
 from lib.sealed.layout import SealedLayout
 from lib.sealed.publish import PublishResult, publish_model
 from lib.sealed.resource_client import ResourceClient
+from lib.sealed.signing import SigningKey
 from lib.sealed.wire import CdnConfig
 
 BUCKET = "sealed-stream"
@@ -39,6 +40,7 @@ SEGMENT = DEFAULT_SEGMENT_SIZE
 SIZE = 6 * SEGMENT + 12_345  # 7 segments of 1 MiB
 RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 CDN_ATTEMPTS = 2  # botocore's own attempts per request, under ours
+NODE_KEY = SigningKey.generate()
 
 
 @dataclass
@@ -66,6 +68,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
         api.create_user(*PUBLISHER, role="publisher")
         api.create_user(*READER, role="reader")
         api.set_cdn(s3.config(BUCKET))  # through the proxy: counted, and breakable
+        api.approve_node(READER, NODE_KEY, node_fingerprint())
         plaintext = os.urandom(SIZE)
         source = work / NAME
         source.write_bytes(plaintext)
@@ -84,7 +87,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
 def node(stores: Stores) -> Iterator[ResourceClient]:
     stores.s3.clear_faults()
     stores.s3.reset_counts()
-    client = ResourceClient(stores.api.url, *READER, retry=RETRY)
+    client = ResourceClient(stores.api.url, *READER, retry=RETRY, node_key=NODE_KEY)
     yield client
     client.close()
     stores.s3.clear_faults()

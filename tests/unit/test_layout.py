@@ -85,7 +85,7 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
         "lib/resource_api",
         ("lib.sealed", "lib.accounts", "lib.models", "lib.cli", "lib.settings", "lib.preflight",
          "lib.http.gate"),
-        ("lib.sealed.wire", "lib.sealed.keywrap"),
+        ("lib.sealed.wire", "lib.sealed.keywrap", "lib.sealed.signing"),
     ),
     ("bench", ("tests",), ()),
     ("devservers", ("tests", "bench", "deployments"), ()),

@@ -296,13 +296,18 @@ def publish_cli(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cli_needs_a_resource_api_and_takes_no_password_argument(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    base = ["publish", str(tmp_path), "--name", "m", "--folder", "models"]
+    base = ["publish", str(tmp_path), "--name", "m", "--folder", "models", "--bucket", "b"]
+    with pytest.raises(SystemExit):  # a publisher brings its own bucket and write credential
+        main(base[:-2])
+    assert "required: --bucket" in capsys.readouterr().err
     assert main(base) == 2
     assert "pass --resource-api or set $RESOURCE_API_URL" in capsys.readouterr().err
     monkeypatch.setenv("RESOURCE_API_URL", "http://127.0.0.1:9")
-    assert main([*base, "--email", "p@example.com", "--cdn-endpoint-url", "http://127.0.0.1:9"]) == 2
-    assert "--cdn-endpoint-url needs --bucket" in capsys.readouterr().err
-    assert main([*base, "--email", "p@example.com", "--bucket", "b"]) == 2
-    assert "needs $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
+    assert main([*base, "--email", "p@example.com", "--cdn-endpoint-url", "http://s3.example.com"]) == 2
+    assert "plain HTTP to another host" in capsys.readouterr().err
+    assert main([*base, "--email", "p@example.com"]) == 2
+    assert "needs your S3 write credential: $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         main([*base, "--password", "secret"])

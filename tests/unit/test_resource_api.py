@@ -23,6 +23,7 @@ from lib.resource_api.passwords import PasswordHasher
 from lib.resource_api.service import create_user
 from lib.resource_api.settings import ResourceApiSettings
 from lib.sealed.keywrap import NodeKeyPair, WrappedSecret, b64encode
+from lib.sealed.signing import SigningKey, node_request_message
 from lib.tokens import TokenService
 
 MASTER_KEY = os.urandom(32).hex()
@@ -33,6 +34,8 @@ PINNED = ("pinned@example.com", "pinned-password-123")
 FP_A = hashlib.sha256(b"node-a").hexdigest()
 FP_B = hashlib.sha256(b"node-b").hexdigest()
 MAX_UPLOAD = 16 * 1024
+# One approved node key per fingerprint (the app fixture enrolls and approves them).
+NODE_KEYS = {FP_A: SigningKey.generate(), FP_B: SigningKey.generate()}
 
 
 def _settings(tmp_path: Path, **overrides: Any) -> ResourceApiSettings:
@@ -55,6 +58,10 @@ def app(tmp_path: Path) -> FastAPI:
     create_user(store, email=PUBLISHER[0], password=PUBLISHER[1], role="publisher")
     create_user(store, email=READER[0], password=READER[1], role="reader")
     create_user(store, email=PINNED[0], password=PINNED[1], role="reader", fingerprints=[FP_A])
+    nodes = app.state.service.nodes
+    for fingerprint, key in NODE_KEYS.items():
+        nodes.enroll(public_key=key.public_bytes, fingerprint=fingerprint, hostname="test", user_id=1)
+        nodes.set_status(key.id, "approved")
     return app
 
 
@@ -85,9 +92,22 @@ def _upload(client: TestClient, headers: dict[str, str], *, name: str = "model",
     return client.post(f"/resources/{folder}", json=body, headers=headers)
 
 
+def _signed(client: TestClient, headers: dict[str, str], keypair: NodeKeyPair, fingerprint: str, *,
+            kind: str, folder: str | None = None, name: str | None = None,
+            node_key: SigningKey | None = None) -> dict[str, Any]:
+    """A release body as an approved node sends it: a fresh nonce, signed by the node key."""
+    key = node_key or NODE_KEYS[fingerprint]
+    nonce = client.post("/nodes/nonce", headers=headers).json()["nonce"]
+    message = node_request_message(kind=kind, folder=folder, name=name, public_key=keypair.public_bytes(),
+                                   fingerprint=fingerprint, nonce=nonce, node_id=key.id)
+    return {"public_key": keypair.public_key_b64(), "fingerprint": fingerprint, "node_id": key.id,
+            "nonce": nonce, "signature": b64encode(key.sign(message))}
+
+
 def _get(client: TestClient, headers: dict[str, str], keypair: NodeKeyPair, fingerprint: str = FP_A,
          name: str = "model", folder: str = "models") -> Any:
-    body = {"name": name, "public_key": keypair.public_key_b64(), "fingerprint": fingerprint}
+    signed = _signed(client, headers, keypair, fingerprint, kind="dek", folder=folder, name=name)
+    body = {"name": name, **signed}
     return client.post(f"/resources/get/{folder}", json=body, headers=headers)
 
 
@@ -97,7 +117,7 @@ def _put_cdn(client: TestClient, headers: dict[str, str], s3_key: str = "s3-key"
 
 
 def _post_cdn(client: TestClient, headers: dict[str, str], keypair: NodeKeyPair, fingerprint: str) -> Any:
-    body = {"public_key": keypair.public_key_b64(), "fingerprint": fingerprint}
+    body = _signed(client, headers, keypair, fingerprint, kind="cdn")
     return client.post("/cdn", json=body, headers=headers)
 
 
@@ -285,13 +305,12 @@ def test_fetches_are_logged_and_countable(client: TestClient) -> None:
 def test_cdn_config_round_trip_and_encrypted_at_rest(client: TestClient, tmp_path: Path) -> None:
     publisher, reader = _headers(client, PUBLISHER), _headers(client, READER)
     keypair = NodeKeyPair.generate()
-    request = {"public_key": keypair.public_key_b64(), "fingerprint": FP_A}
-    _assert_error(client.post("/cdn", json=request, headers=reader), 404, "not_found")
+    _assert_error(_post_cdn(client, reader, keypair, FP_A), 404, "not_found")
     secret = "cdn-secret-" + secrets.token_hex(8)
     config = {"endpoint_url": "http://127.0.0.1:9000", "bucket": "models", "region": "eu-west-1",
               "access_key_id": "AKIDEXAMPLE", "secret_access_key": secret}
     assert client.put("/cdn", json=config, headers=publisher).status_code == 200
-    response = client.post("/cdn", json=request, headers=reader)
+    response = _post_cdn(client, reader, keypair, FP_A)
     wrapped = WrappedSecret.model_validate(response.json()["wrapped_config"])
     from lib.sealed.wire import CdnConfig
 

@@ -18,6 +18,7 @@ import requests
 
 from lib.errors import (
     AuthenticationError,
+    ConfigurationError,
     IntegrityError,
     NotFoundError,
     PermissionDeniedError,
@@ -27,7 +28,10 @@ from lib.errors import (
 from lib.retry import RetryPolicy
 from lib.sealed.keywrap import NodeKeyPair, b64decode, b64encode, wrap_for_node
 from lib.sealed.resource_client import ResourceClient
+from lib.sealed.signing import SigningKey, node_request_message, verify
 from lib.sealed.wire import CdnConfig, ResourceManifest
+
+NODE_KEY = SigningKey.generate()
 
 PASSWORD = "client-password-123"
 FP = "c" * 64
@@ -59,6 +63,8 @@ class FakeResourceApi:
     failures: dict[str, list[int | Exception]] = field(default_factory=dict)
     wrap_fingerprint: str | None = None
     logins: int = 0
+    node_status: str = "approved"
+    nonces: set[str] = field(default_factory=set)
 
     def request(self, method: str, url: str, *, json: Any = None, params: Any = None,
                 headers: dict[str, str] | None = None, timeout: Any = None) -> requests.Response:
@@ -83,7 +89,29 @@ class FakeResourceApi:
             return _error(401, "the token is invalid or has expired")
         return self._route(method, path, json)
 
+    def _signature_ok(self, body: Any, kind: str, folder: str | None, name: str | None) -> bool:
+        if body["nonce"] not in self.nonces or body["node_id"] != NODE_KEY.id:
+            return False
+        self.nonces.discard(body["nonce"])
+        message = node_request_message(kind=kind, folder=folder, name=name,
+                                       public_key=b64decode(body["public_key"]),
+                                       fingerprint=body["fingerprint"],
+                                       nonce=body["nonce"], node_id=body["node_id"])
+        return verify(NODE_KEY.public_bytes, b64decode(body["signature"]), message)
+
     def _route(self, method: str, path: str, body: Any) -> requests.Response:
+        if (method, path) == ("POST", "/nodes/enroll"):
+            assert body["node_key"] == NODE_KEY.public_b64
+            return _response(200, {"node_id": NODE_KEY.id, "fingerprint": body["fingerprint"],
+                                   "hostname": body["hostname"], "status": self.node_status})
+        if (method, path) == ("POST", "/nodes/nonce"):
+            nonce = f"nonce-{len(self.calls):04d}-" + "n" * 32
+            self.nonces.add(nonce)
+            return _response(200, {"nonce": nonce, "expires_in": 60})
+        if method == "POST" and path in ("/resources/get/models", "/cdn"):
+            kind, folder = ("dek", "models") if path != "/cdn" else ("cdn", None)
+            if not self._signature_ok(body, kind, folder, body.get("name")):
+                return _error(403, "this node may not receive keys")
         if (method, path) == ("GET", "/stats/fetches"):
             return _response(200, {"count": 7})
         if (method, path) == ("GET", "/resources/models"):
@@ -121,7 +149,7 @@ def sleeps() -> list[float]:
 def client(api: FakeResourceApi, sleeps: list[float]) -> ResourceClient:
     return ResourceClient("http://127.0.0.1:8100", "node@example.com", PASSWORD, timeout=(1.0, 2.0),
                           retry=RetryPolicy(attempts=3, base_delay=0.5, max_delay=1.0),
-                          session=api, sleep=sleeps.append)  # type: ignore[arg-type]
+                          session=api, sleep=sleeps.append, node_key=NODE_KEY)  # type: ignore[arg-type]
 
 
 def test_logs_in_on_first_use_and_reuses_the_token(client: ResourceClient, api: FakeResourceApi) -> None:
@@ -198,11 +226,45 @@ def test_login_connection_errors_are_retried_but_wrong_passwords_are_not(
     assert "wrong-password-00" not in info.value.message and "wrong-password-00" not in repr(bad)
 
 
-def test_get_unwraps_the_dek(client: ResourceClient) -> None:
+def test_get_unwraps_the_dek(client: ResourceClient, api: FakeResourceApi) -> None:
     keypair = NodeKeyPair.generate()
     fetched = client.get("models", "model", keypair, FP)
     assert fetched.dek == DEK and fetched.small_part == b"abcd" and fetched.manifest == MANIFEST
     assert DEK.hex() not in repr(fetched) and "abcd" not in repr(fetched)
+    # Enrolled once; every release asks for its own nonce and signs with it.
+    client.get("models", "model", keypair, FP)
+    assert [call for call in api.calls if call[1] != "/login"] == [
+        ("POST", "/nodes/enroll"), ("POST", "/nodes/nonce"), ("POST", "/resources/get/models"),
+        ("POST", "/nodes/nonce"), ("POST", "/resources/get/models"),
+    ]
+
+
+def test_a_node_not_yet_approved_is_told_the_command_and_asks_for_nothing(
+    client: ResourceClient, api: FakeResourceApi
+) -> None:
+    api.node_status = "pending"
+    with pytest.raises(PermissionDeniedError, match=f"resource-api nodes approve {NODE_KEY.id}"):
+        client.get("models", "model", NodeKeyPair.generate(), FP)
+    assert ("POST", "/resources/get/models") not in api.calls
+    api.node_status = "approved"  # approved meanwhile: the next release goes through
+    assert client.get("models", "model", NodeKeyPair.generate(), FP).dek == DEK
+
+
+def test_a_revoked_node_is_told_so(api: FakeResourceApi, client: ResourceClient) -> None:
+    api.node_status = "revoked"
+    with pytest.raises(PermissionDeniedError, match="is revoked: it receives no keys"):
+        client.cdn_config(NodeKeyPair.generate(), FP)
+    assert ("POST", "/cdn") not in api.calls
+
+
+def test_a_release_needs_the_node_key_and_plain_http_needs_an_opt_in(api: FakeResourceApi) -> None:
+    keyless = ResourceClient("http://127.0.0.1:1", "node@example.com", PASSWORD, session=api)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="node's key"):
+        keyless.get("models", "model", NodeKeyPair.generate(), FP)
+    with pytest.raises(ConfigurationError, match="plain HTTP"):
+        ResourceClient("http://resource-api.example.com", "node@example.com", PASSWORD)
+    ResourceClient("http://resource-api.example.com", "node@example.com", PASSWORD, allow_plain_http=True)
+    ResourceClient("https://resource-api.example.com", "node@example.com", PASSWORD)
 
 
 def test_a_key_wrapped_for_another_node_is_an_integrity_error(

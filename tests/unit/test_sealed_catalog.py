@@ -7,6 +7,7 @@ S3 comes in where the catalog builds its ``CdnClient``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -23,8 +24,10 @@ from lib.errors import (
 )
 from lib.sealed import cdn as sealed_cdn
 from lib.sealed.catalog import LISTING, SealedCatalog, resource_client_from_env
+from lib.sealed.keywrap import b64encode
 from lib.sealed.resource_client import ResourceClient
 from lib.sealed.settings import SealedSettings
+from lib.sealed.signing import SigningKey, cdn_message, dek_commitment, sign_manifest
 from lib.sealed.transfer import MiB
 from lib.sealed.wire import CdnConfig
 from tests.unit.test_sealed_cache import (
@@ -73,7 +76,7 @@ def make_settings(tmp_path: Path, models: list[Any], **extra: Any) -> SealedSett
         folder=FOLDER,
         models=models,
         cache_dir=str(tmp_path / "shm"),
-        **extra,
+        **{"node_key_file": str(tmp_path / "node" / "node.key"), **extra},
     )
 
 
@@ -491,6 +494,85 @@ def test_catalog_without_a_source_or_password_refuses_to_start(
     assert not (tmp_path / "shm").exists()  # refused before creating any cache directory
 
 
+def test_the_node_key_is_made_0600_on_first_start_and_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RESOURCE_API_EMAIL", "reader@example.com")
+    monkeypatch.setenv("RESOURCE_API_PASSWORD", "reader-password")
+    settings = make_settings(tmp_path, ["m"])
+    resource_client_from_env(settings).close()
+    key_file = Path(settings.node_key_file)
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    first = key_file.read_bytes()
+    resource_client_from_env(settings).close()
+    assert key_file.read_bytes() == first
+
+
+# -- trusted publishers ----------------------------------------------------------------------------
+
+
+def _sign(store: FakeStore, name: str, signer: SigningKey) -> None:
+    published = store.resources[(FOLDER, name)]
+    commitment = dek_commitment(published.dek, published.manifest["id"])
+    manifest = {**published.manifest, "dek_commitment": commitment}
+    store.tamper(name, manifest={**manifest, "signature": sign_manifest(signer, FOLDER, manifest)})
+
+
+def test_a_trusting_catalog_serves_only_what_a_trusted_publisher_signed(
+    tmp_path: Path, store: FakeStore, cdn_built: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signer, stranger = SigningKey.generate(), SigningKey.generate()
+    _sign(store, "classifier.safetensors", signer)
+    _sign(store, "tiny-sd", signer)
+    _sign(store, "odd-kind.bin", stranger)  # a forged manifest: signed, but not by a trusted key
+    config = CdnConfig(bucket="big-parts", access_key_id="reader",
+                       secret_access_key="not-a-secret")  # type: ignore[arg-type]
+    fields = json.loads(config.plaintext_json())
+    signed = CdnConfig.model_validate({**fields, "signature": {
+        "key": signer.public_b64, "value": b64encode(signer.sign(cdn_message(fields)))}})
+    monkeypatch.setattr(store, "cdn_config", lambda keypair, fingerprint: signed)
+    settings = make_settings(tmp_path, ["classifier.safetensors", "tiny-sd", "odd-kind.bin"],
+                             trusted_publishers=[signer.public_b64])
+    catalog = SealedCatalog(settings, owner=OWNER, resources=store, fingerprint=FINGERPRINT)
+    catalog.refresh()
+    assert sorted(by_name(catalog)) == ["classifier.safetensors", "tiny-sd"]
+    assert "not signed by a trusted publisher" in catalog.errors()["odd-kind.bin"]
+    info = catalog.ensure(model_id(store, "classifier.safetensors"))
+    assert info.path is not None and Path(info.path).read_bytes() == payload(20_000, seed=1)
+    # The resource API swaps in a data key of its own (and a small part sealed with it).
+    store.tamper("tiny-sd", dek=os.urandom(32))
+    with pytest.raises(ModelUnavailableError, match="not the one the publisher signed"):
+        catalog.ensure(model_id(store, "tiny-sd"))
+    assert store.calls["download"] <= 2, "nothing fetched with the swapped key"
+
+
+def test_an_unsigned_storage_config_is_refused_by_a_trusting_catalog(
+    tmp_path: Path, store: FakeStore, cdn_built: list[dict[str, Any]]
+) -> None:
+    signer = SigningKey.generate()
+    _sign(store, "classifier.safetensors", signer)
+    settings = make_settings(tmp_path, ["classifier.safetensors"], trusted_publishers=[signer.public_b64])
+    catalog = SealedCatalog(settings, owner=OWNER, resources=store, fingerprint=FINGERPRINT)
+    catalog.refresh()
+    with pytest.raises(ModelUnavailableError, match="storage config is not signed"):
+        catalog.ensure(model_id(store, "classifier.safetensors"))
+    assert cdn_built == [], "no S3 client was built from it"
+
+
+def test_plain_http_storage_is_refused_unless_allowed(
+    tmp_path: Path, store: FakeStore, cdn_built: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = CdnConfig(endpoint_url="http://s3.example.com", bucket="b", access_key_id="r",
+                       secret_access_key="s")  # type: ignore[arg-type]
+    monkeypatch.setattr(store, "cdn_config", lambda keypair, fingerprint: remote)
+    catalog = SealedCatalog(make_settings(tmp_path, ["classifier.safetensors"]), owner=OWNER, resources=store,
+                            fingerprint=FINGERPRINT)
+    catalog.refresh()
+    with pytest.raises(ModelUnavailableError, match="plain HTTP"):
+        catalog.ensure(model_id(store, "classifier.safetensors"))
+    assert cdn_built == []
+
+
 # -- known bugs ------------------------------------------------------------------------------------
 
 
@@ -521,3 +603,14 @@ def test_a_model_republished_after_listing_is_refused_or_served_with_its_own_id(
     assert info.path is not None
     assert hashlib.sha256(Path(info.path).read_bytes()).hexdigest() == info.id
 
+
+
+def test_trusted_publishers_come_from_the_settings_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = SigningKey.generate().public_b64, SigningKey.generate().public_b64
+    monkeypatch.setenv("SEALSERVE_TRUSTED_PUBLISHERS", f"{first}, {second}")
+    assert make_settings(tmp_path, ["m"]).trusted_publishers == [first, second]
+    assert make_settings(tmp_path, ["m"], trusted_publishers=[second]).trusted_publishers == [second]
+    with pytest.raises(ValueError, match="Ed25519 public key"):
+        make_settings(tmp_path, ["m"], trusted_publishers=["not-a-key"])
