@@ -5,13 +5,18 @@ event order and shapes, the OpenAI error body for every refusal, the gate in fro
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from lib.accounts.auth import bootstrap_subject
+from lib.errors import GatewayTimeoutError, ModelUnavailableError
 from lib.http.sse import wants_event_stream
+from lib.schemas import InferRequest, InferResponse
 from tests.unit.test_routes import ADMIN_KEY, Ingress, bearer, create_key, ingress
-from tests.unit.test_routes_model_clients import MODEL
+from tests.unit.test_routes_model_clients import MODEL, FakeHandle, admission, clients, streamed
 
 __all__ = ["ingress"]  # the fixture, imported to be used here
 
@@ -76,8 +81,6 @@ def test_infer_stream_refusals_are_plain_errors_before_the_stream(ingress: Ingre
 
 def test_an_error_in_the_stream_ends_it_with_an_error_event(ingress: Ingress) -> None:
     def failing(request: Any, previews: int = 0) -> Any:
-        from lib.errors import ModelUnavailableError
-
         raise ModelUnavailableError("model tiny could not be loaded")
 
     ingress.text_to_image.methods["generate_stream"] = failing
@@ -164,3 +167,41 @@ def test_images_generations_needs_the_infer_scope_and_counts_against_the_limit(i
     )
     openai_error(second, 429, "rate_limit_error")
     assert int(second.headers["Retry-After"]) > 0
+
+
+def test_images_generations_authenticates_before_it_reads_the_fields(ingress: Ingress) -> None:
+    bad = {"prompt": "", "size": "7x7", "n": 99}
+    openai_error(ingress.client.post("/v1/images/generations", json=bad), 401, "authentication_error")
+
+
+def test_a_stream_that_outlives_the_timeout_is_504_and_its_call_is_cancelled() -> None:
+    slow = FakeHandle({"generate_stream": streamed}, delay_s=5.0)
+    request = InferRequest(id="r", model_id=MODEL, prompt="a cat")
+
+    async def consume() -> None:
+        items = await clients(t2i=slow, timeout_s=0.05).generate_stream(request, admission())
+        async for _ in items:
+            pass
+
+    with pytest.raises(GatewayTimeoutError):
+        asyncio.run(consume())
+    assert slow.streams[0].cancelled
+
+
+def test_leaving_a_stream_early_cancels_its_call_and_a_finished_one_is_left_alone() -> None:
+    t2i = FakeHandle({"generate_stream": streamed})
+    request = InferRequest(id="r", model_id=MODEL, prompt="a cat", num_images=2)
+
+    async def scenario() -> list[Any]:
+        models = clients(t2i=t2i)
+        early = await models.generate_stream(request, admission())
+        await anext(early)
+        await early.aclose()  # type: ignore[attr-defined]
+        seen = admission()
+        full = [item async for item in await models.generate_stream(request, seen)]
+        assert seen.image_count == 2 and seen.model_id == MODEL
+        return full
+
+    full = asyncio.run(scenario())
+    assert isinstance(full[-1], InferResponse) and len(full) == 3
+    assert [stream.cancelled for stream in t2i.streams] == [True, False]
