@@ -191,7 +191,9 @@ class DeploymentHealth(BaseModel):
         None, description="Text-to-image: generations whose worker thread is running on the replica."
     )
     cancelled_generations: int | None = Field(
-        None, description="Text-to-image: generations the replica stopped early since it started."
+        None,
+        description="Text-to-image: generations the replica stopped early (cancelled or timed out) "
+        "since it started.",
     )
 
 

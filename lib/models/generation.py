@@ -66,7 +66,8 @@ class Finished(Generic[T]):
 
 
 class Generations:
-    """The generations of one replica: each on its own worker thread, counted while it runs."""
+    """The generations of one replica: each on its own worker thread, counted while it runs, and
+    counted in ``cancelled`` when it stopped early (cancelled, or past its deadline)."""
 
     def __init__(self) -> None:
         self.running = 0
@@ -82,8 +83,11 @@ class Generations:
         except asyncio.CancelledError:
             control.cancel()
             await _until_done(future)
-            if isinstance(future.exception(), GenerationCancelled):
+            if isinstance(future.exception(), GenerationCancelled | GatewayTimeoutError):
                 self.cancelled += 1
+            raise
+        except GatewayTimeoutError:
+            self.cancelled += 1
             raise
         finally:
             self.running -= 1

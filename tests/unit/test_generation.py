@@ -96,6 +96,21 @@ def test_the_deadline_stops_a_generation_with_504() -> None:
         control.check()
 
 
+def test_a_generation_past_its_deadline_counts_as_stopped_early() -> None:
+    now = [0.0]
+    control = GenerationControl(1.0, clock=lambda: now[0])
+
+    def work(control: GenerationControl) -> str:
+        now[0] = 2.0
+        control.check()
+        return "finished"
+
+    generations = Generations()
+    with pytest.raises(GatewayTimeoutError):
+        asyncio.run(generations.run(work, control))
+    assert (generations.running, generations.cancelled) == (0, 1)
+
+
 def test_a_finished_run_counts_nothing_as_cancelled() -> None:
     generations = Generations()
     assert asyncio.run(generations.run(lambda control: 7, GenerationControl())) == 7
