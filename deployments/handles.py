@@ -21,14 +21,17 @@ MAX_CONFIGURED_HANDLES = 64
 
 
 async def result_within(response: DeploymentResponse[T], timeout_s: float) -> T:
-    """The result of a handle call; after ``timeout_s`` the call is cancelled and TimeoutError raised.
+    """The result of a handle call; after ``timeout_s`` the call is cancelled and TimeoutError raised,
+    and when the awaiting task is cancelled, the call is cancelled with it.
 
     Ray's own errors (``RayTaskError`` wrapping what the replica raised, ``RayActorError``,
     ``BackPressureError``) propagate unchanged: each caller maps them to its own answer.
     """
     try:
         return await asyncio.wait_for(_result(response), timeout_s)
-    except TimeoutError:
+    except (TimeoutError, asyncio.CancelledError):
+        # A cancelled caller (its client hung up) cancels the call too: the model replica stops
+        # the work instead of finishing it for no one.
         response.cancel()
         raise
 

@@ -34,6 +34,8 @@ from deployments.routes.deps import STATE_ACCOUNTS, STATE_GATE, STATE_LOADER, ST
 from deployments.routes.health import router as health_routes
 from deployments.routes.inference import router as inference_routes
 from deployments.routes.models import router as model_routes
+from deployments.routes.openai import router as openai_routes
+from deployments.routes.playground import router as playground_routes
 from deployments.version import VERSION
 from lib.accounts.gate import RATE_LIMIT_HEADERS
 from lib.accounts.records import UsageRecord
@@ -150,6 +152,8 @@ def create_api(
     setattr(api.state, STATE_ACCOUNTS, accounts.service)
     setattr(api.state, STATE_MODELS, models)
     setattr(api.state, STATE_LOADER, loader)
-    for router in (health_routes, model_routes, inference_routes, account_routes):
+    for router in (
+        health_routes, model_routes, inference_routes, openai_routes, account_routes, playground_routes
+    ):
         api.include_router(router)
     return api

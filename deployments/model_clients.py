@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from deployments.handles import MAX_CONFIGURED_HANDLES, MultiplexedHandles, result_within, unary
 from deployments.model_loader import NodeLoader
@@ -30,9 +30,11 @@ from lib.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     DeploymentHealth,
+    GenerationStep,
     Health,
     InferRequest,
     InferResponse,
+    ModelInfo,
 )
 
 T = TypeVar("T")
@@ -62,6 +64,9 @@ class ModelClients:
         max_configured_handles: int = MAX_CONFIGURED_HANDLES,
     ) -> None:
         self._text_to_image = MultiplexedHandles(text_to_image, max_entries=max_configured_handles)
+        self._text_to_image_stream = MultiplexedHandles(
+            text_to_image.options(stream=True), max_entries=max_configured_handles
+        )
         self._classifier = MultiplexedHandles(classifier, max_entries=max_configured_handles)
         self._loader = loader
         self._catalog = CatalogView(loader.models)
@@ -86,6 +91,59 @@ class ModelClients:
         admission.timings["model"] = (time.perf_counter() - started) * 1000
         admission.image_count = len(result.images)
         return result
+
+    async def resolve_text_to_image(self, id_or_name: str | None) -> ModelInfo:
+        """The text-to-image model a request names (None: the first one), or 404 / 422."""
+        return await self._catalog.resolve(id_or_name, TEXT_TO_IMAGE)
+
+    async def generate_stream(
+        self, body: InferRequest, admission: Admission, previews: int = 0
+    ) -> AsyncIterator[GenerationStep | InferResponse]:
+        """Text to image with progress: the replica's steps as they happen, then the response.
+
+        The model is resolved before the first item (an unknown model raises here, before any
+        response is started). The whole stream is bounded by the request timeout (504); leaving
+        the iteration early (the client hung up) cancels the generation.
+        """
+        admission.model_id = body.model_id
+        info = await self._catalog.resolve(body.model_id, TEXT_TO_IMAGE)
+        admission.model_id = info.id
+        handle = self._text_to_image_stream.for_model(info.id)
+        routed = body.model_copy(update={"model_id": info.id})
+        return self._stream(handle.generate_stream.remote(routed, previews), admission)
+
+    async def _stream(
+        self, response: Any, admission: Admission
+    ) -> AsyncIterator[GenerationStep | InferResponse]:
+        generator: DeploymentResponseGenerator[Any] = response
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        deadline = loop.time() + self._timeout_s
+        finished = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(anext(generator), max(deadline - loop.time(), 0.001))
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                except TimeoutError:
+                    raise GatewayTimeoutError(
+                        f"the model did not finish within {self._timeout_s:g}s"
+                    ) from None
+                except (RayActorError, BackPressureError):
+                    raise ServiceUnavailableError(
+                        "the model deployment is busy or restarting; retry"
+                    ) from None
+                except Exception as exc:
+                    raise unwrap(exc) from None
+                if isinstance(item, InferResponse):
+                    admission.timings["model"] = (time.perf_counter() - started) * 1000
+                    admission.image_count = len(item.images)
+                yield item
+        finally:
+            if not finished:
+                generator.cancel()
 
     async def classify(self, body: ClassifyRequest, admission: Admission) -> ClassifyResponse:
         """One image classified, in one handle call with the requests that arrive with it."""

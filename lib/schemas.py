@@ -79,6 +79,26 @@ class InferResponse(BaseModel):
     guidance_scale: float
 
 
+class GenerationStep(BaseModel):
+    """One finished denoising step of a generation (the streaming handle API's progress item)."""
+
+    step: int = Field(description="Steps done, 1 to total_steps.")
+    total_steps: int
+    num_images: int = Field(description="Images the step advanced (all of the request's at once).")
+    previews: list[str] | None = Field(
+        None, description="A small PNG (base64) of each image so far, on the steps that have one."
+    )
+
+
+class ProgressEvent(BaseModel):
+    """The data of a ``progress`` event of ``POST /v1/infer`` streamed as ``text/event-stream``."""
+
+    step: int = Field(description="Steps done, 1 to total_steps.")
+    total_steps: int
+    image_index: int = Field(description="Which image of the request, from 0.")
+    preview: str | None = Field(None, description="A small PNG (base64) of the image so far.")
+
+
 class ClassifyRequest(_Request):
     """Image classification request (`POST /v1/classify`)."""
 
@@ -117,9 +137,29 @@ class ModelInfo(BaseModel):
     num_labels: int | None = Field(None, description="Number of labels of a classifier.")
 
 
+class ModelObject(BaseModel):
+    """A model as OpenAI's ``GET /v1/models`` lists it (``openai.types.Model``), plus name and kind."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(0, description="Not tracked by the catalog: always 0.")
+    owned_by: str = Field(description="Where the model comes from: 'local' or 'sealed'.")
+    name: str
+    kind: ModelKind | None = None
+
+
 class ModelList(BaseModel):
+    """The catalog: ``models`` and ``count``, and the same models as OpenAI's list shape."""
+
     models: list[ModelInfo]
     count: int
+    object: Literal["list"] = "list"
+    data: list[ModelObject] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, models: list[ModelInfo]) -> ModelList:
+        data = [ModelObject(id=m.id, owned_by=m.source, name=m.name, kind=m.kind) for m in models]
+        return cls(models=models, count=len(models), data=data)
 
 
 class ErrorDetail(BaseModel):
@@ -145,6 +185,15 @@ class DeploymentHealth(BaseModel):
         default=None,
         description="Why the replica runs where it does when that is not what was asked for, e.g. "
         "a GPU assigned by Ray while CUDA is not available (it then runs on CPU).",
+    )
+    replica: str | None = Field(None, description="Which replica answered (Serve's replica id).")
+    running_generations: int | None = Field(
+        None, description="Text-to-image: generations whose worker thread is running on the replica."
+    )
+    cancelled_generations: int | None = Field(
+        None,
+        description="Text-to-image: generations the replica stopped early (cancelled or timed out) "
+        "since it started.",
     )
 
 

@@ -27,6 +27,8 @@ def info() -> dict[str, Any]:
             "usage": "/v1/usage",
             "docs": "/docs",
             "openapi": "/openapi.json",
+            "images": "/v1/images/generations",
+            "playground": "/playground",
         },
     }
 

@@ -1,4 +1,8 @@
-"""The catalog, from the node's loader: ``GET /v1/models`` and ``/v1/models/{model_id}`` (``infer`` scope)."""
+"""The catalog, from the node's loader: ``GET /v1/models`` and ``/v1/models/{model_id}`` (``infer`` scope).
+
+``GET /v1/models`` carries OpenAI's list shape (``object``, ``data``) beside ``models`` and
+``count``, so the ``openai`` client's ``models.list()`` works on it.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,7 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(admit_infer)])
 async def list_models(loader: Loader) -> ModelList:
-    models = await loader.models()
-    return ModelList(models=models, count=len(models))
+    return ModelList.of(await loader.models())
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelInfo, dependencies=[Depends(admit_infer)])

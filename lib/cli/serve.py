@@ -233,6 +233,7 @@ def banner(url: str, settings: AppSettings) -> str:
     return "\n".join([
         "",
         f"sealserve is ready at {url}  (OpenAPI docs: {url}/docs)",
+        f"playground: {url}/playground  (paste the key there)",
         key_line,
         "",
         f"curl -s {url}/health",
@@ -240,6 +241,9 @@ def banner(url: str, settings: AppSettings) -> str:
         f"curl -s {auth} {url}/v1/models/{sd}",
         f"curl -s {auth} {json_header} -d {shlex.quote(json.dumps(infer))} {url}/v1/infer",
         f"curl -s {auth} {json_header} -d {shlex.quote(json.dumps(classify))} {url}/v1/classify",
+        f"curl -sN {auth} {json_header} -H 'Accept: text/event-stream' "
+        f"-d {shlex.quote(json.dumps(infer))} '{url}/v1/infer?previews=2'",
+        f"openai client: OpenAI(base_url={url + '/v1'!r}, api_key=<the key>).images.generate(prompt=...)",
         "",
         "Ctrl-C stops the service.",
     ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,10 @@ import torch
 
 from lib.errors import ModelUnavailableError
 from lib.models.device import Device
+from lib.models.generation import GenerationControl
 from lib.models.imaging import encode_png
-from lib.schemas import MAX_SEED, GeneratedImage, InferRequest, InferResponse
+from lib.models.previews import latent_previews
+from lib.schemas import MAX_SEED, GeneratedImage, GenerationStep, InferRequest, InferResponse
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,41 @@ def load_pipeline(path: Path, device: Device) -> Any:
     return pipe
 
 
-def generate(pipe: Any, params: GenerationParams, device: Device) -> InferResponse:
+def generate(
+    pipe: Any,
+    params: GenerationParams,
+    device: Device,
+    control: GenerationControl | None = None,
+    on_step: Callable[[GenerationStep], None] | None = None,
+    preview_at: frozenset[int] = frozenset(),
+) -> InferResponse:
     """Run the pipeline; the same seed gives the same image bytes on the same device and weights.
 
     Each image gets its own CPU generator (seed, seed+1, ...): CPU generators make the noise
     independent of the accelerator, and one generator per image makes each image reproducible
     on its own.
+
+    After each denoising step (diffusers' ``callback_on_step_end``) ``control`` is checked, which
+    raises to stop the generation there, and ``on_step`` is told, with previews of the images
+    after the (1-based) steps in ``preview_at``.
     """
+    control = control or GenerationControl()
     request = params.request
     seeds = image_seeds(params.seed, request.num_images)
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    total = params.num_inference_steps
+
+    def step_end(_pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        control.steps_done = index + 1
+        control.check()
+        if on_step is not None:
+            previews = latent_previews(tensors["latents"]) if index + 1 in preview_at else None
+            on_step(GenerationStep(
+                step=index + 1, total_steps=total, num_images=request.num_images, previews=previews
+            ))
+        return {}
+
+    control.check()
     started = time.perf_counter()
     with torch.inference_mode():
         output = pipe(
@@ -89,6 +117,8 @@ def generate(pipe: Any, params: GenerationParams, device: Device) -> InferRespon
             num_images_per_prompt=request.num_images,
             generator=generators,
             output_type="pil",
+            callback_on_step_end=step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
         )
     images = [
         GeneratedImage(base64=encode_png(image), seed=seed, width=image.width, height=image.height)

@@ -76,6 +76,12 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
         (),
     ),
     (
+        "lib/openai_api",
+        ("lib.accounts", "lib.sealed", "lib.models", "lib.http", "lib.resource_api", "lib.cli",
+         "lib.settings", "lib.preflight", *WEB_FRAMEWORKS),
+        (),
+    ),
+    (
         "lib/http",
         ("lib.sealed", "lib.models", "lib.resource_api", "lib.cli", "lib.settings", "lib.preflight"),
         (),

@@ -30,6 +30,7 @@ from lib.schemas import (
     ClassifyResponse,
     DeploymentHealth,
     GeneratedImage,
+    GenerationStep,
     InferRequest,
     InferResponse,
     ModelInfo,
@@ -59,15 +60,44 @@ class FakeResponse:
         return self.outcome()
 
 
+class FakeStream:
+    """A DeploymentResponseGenerator: async-iterable over what ``outcome`` returns, cancellable."""
+
+    def __init__(self, outcome: Callable[[], Any], delay_s: float = 0.0) -> None:
+        self.outcome = outcome
+        self.delay_s = delay_s
+        self.cancelled = False
+        self._items: Any = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        await asyncio.sleep(self.delay_s)
+        if self._items is None:
+            self._items = iter(self.outcome())
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
 class FakeMethod:
     def __init__(self, handle: FakeHandle, name: str) -> None:
         self.handle = handle
         self.name = name
 
-    def remote(self, *args: Any) -> FakeResponse:
+    def remote(self, *args: Any) -> FakeResponse | FakeStream:
         root = self.handle.root
         root.calls.append((self.name, self.handle.model_id, args))
         behaviour = root.methods[self.name]
+        if self.handle.stream:
+            stream = FakeStream(lambda: behaviour(*args), root.delay_s)
+            root.streams.append(stream)
+            return stream
         response = FakeResponse(lambda: behaviour(*args), root.delay_s)
         root.responses.append(response)
         return response
@@ -80,15 +110,20 @@ class FakeHandle:
         self.methods = methods
         self.delay_s = delay_s
         self.model_id: str | None = None
+        self.stream = False
         self.root = self
         self.calls: list[tuple[str, str | None, tuple[Any, ...]]] = []
         self.responses: list[FakeResponse] = []
+        self.streams: list[FakeStream] = []
         self.options_calls: list[str] = []
 
-    def options(self, *, multiplexed_model_id: str) -> FakeHandle:
-        self.root.options_calls.append(multiplexed_model_id)
+    def options(self, *, multiplexed_model_id: str | None = None, stream: bool | None = None) -> FakeHandle:
+        if multiplexed_model_id is not None:
+            self.root.options_calls.append(multiplexed_model_id)
         configured = FakeHandle(self.methods)
-        configured.root, configured.model_id = self.root, multiplexed_model_id
+        configured.root = self.root
+        configured.model_id = multiplexed_model_id if multiplexed_model_id is not None else self.model_id
+        configured.stream = self.stream if stream is None else stream
         return configured
 
     def __getattr__(self, name: str) -> FakeMethod:
@@ -145,6 +180,18 @@ def generated(request: InferRequest) -> InferResponse:
     )
 
 
+def streamed(request: InferRequest, previews: int = 0) -> list[GenerationStep | InferResponse]:
+    """Two steps (previews on the steps asked for, up to two), then the response."""
+    steps: list[GenerationStep | InferResponse] = [
+        GenerationStep(
+            step=step, total_steps=2, num_images=request.num_images,
+            previews=[f"preview-{step}-{i}" for i in range(request.num_images)] if step <= previews else None,
+        )
+        for step in (1, 2)
+    ]
+    return [*steps, generated(request)]
+
+
 def classified(request: ClassifyRequest) -> ClassifyResponse:
     return ClassifyResponse(predictions=[Prediction(label="cat", confidence=0.9)], model=CLASSIFIER)
 
@@ -154,7 +201,9 @@ def healthy(name: str) -> Callable[[], DeploymentHealth]:
 
 
 def text_to_image(**overrides: Callable[..., Any]) -> FakeHandle:
-    return FakeHandle({"generate": generated, "health": healthy("TextToImage"), **overrides})
+    return FakeHandle(
+        {"generate": generated, "generate_stream": streamed, "health": healthy("TextToImage"), **overrides}
+    )
 
 
 def classified_many(requests: list[ClassifyRequest]) -> list[ClassifyResponse]:

@@ -81,3 +81,14 @@ def test_a_stop_ends_the_processes_naming_the_private_directory_and_no_other(tmp
         for proc in (ours, other):
             proc.kill()
             proc.wait()
+
+
+def test_the_banner_prints_the_playground_url_and_a_progress_stream(tmp_path: Path) -> None:
+    from lib.cli.serve import banner
+    from lib.settings import AppSettings
+    from tests.serve_harness import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: no models to show, still a banner
+    text = banner(url, AppSettings.from_args({"state_dir": str(tmp_path)}, env={}))
+    assert f"playground: {url}/playground  (paste the key there)" in text.splitlines()
+    assert f"'{url}/v1/infer?previews=2'" in text and "Accept: text/event-stream" in text
