@@ -99,7 +99,11 @@ def assert_error(response: Any, status: int, code: str | None = None) -> dict[st
 
 def test_health_is_open_and_ready(api: ServeInstance) -> None:
     for path in ("/health", "/v1/health"):
-        response = api.get(path)
+        anonymous = api.get(path)
+        assert anonymous.status_code == 200
+        assert set(anonymous.json()) == {"status", "ready", "version"}  # no internals without a key
+        assert anonymous.json()["ready"] is True
+        response = api.get(path, headers=api.auth())
         assert response.status_code == 200
         body = response.json()
         assert body["ready"] is True and body["status"] == "ok"
