@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from deployments.ingress import create_api
 from deployments.model_clients import ModelClients
@@ -237,6 +238,34 @@ def test_token_exchange_is_not_cached_and_a_token_cannot_renew_itself(ingress: I
     token = issued.json()["access_token"]
     assert ingress.client.get("/v1/models", headers=bearer(token)).status_code == 200
     error_of(ingress.client.post("/v1/auth/token", headers=bearer(token)), 403, "forbidden")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "body"),
+    [
+        ("get", "/v1/usage", {"since": "999999w"}, None),
+        ("get", "/v1/admin/usage", {"since": "999999w"}, None),
+        ("get", "/v1/admin/usage/summary", {"since": "999999w"}, None),
+        ("get", "/v1/admin/usage", {"since": "9999-12-31T23:00:00-05:00"}, None),
+        ("get", "/v1/usage", {"since": "0001-01-01T00:00:00+05:00"}, None),
+        ("post", "/v1/admin/keys", None, {"name": "n", "scopes": ["infer"], "expires_in": "999999w"}),
+        ("post", "/v1/admin/keys", None, {"name": "n", "scopes": ["infer"], "expires_in": "5300000d"}),
+    ],
+)
+def test_out_of_range_times_are_a_422_not_a_500(
+    ingress: Ingress, method: str, path: str, params: dict[str, str] | None, body: dict[str, Any] | None
+) -> None:
+    response = ingress.client.request(method.upper(), path, params=params, json=body, headers=bearer())
+    error_of(response, 422, "validation_error")
+
+
+def test_a_token_whose_key_row_is_gone_is_refused(ingress: Ingress) -> None:
+    key = create_key(ingress, ["infer", "admin"])
+    token = ingress.client.post("/v1/auth/token", headers=bearer(key["key"])).json()["access_token"]
+    with ingress.accounts.store._engine.begin() as connection:  # the row is deleted out of band
+        connection.execute(text("DELETE FROM api_keys WHERE id = :id"), {"id": key["id"]})
+    error_of(ingress.client.get("/v1/admin/keys", headers=bearer(token)), 401, "unauthorized")
+    error_of(ingress.client.get("/v1/models", headers=bearer(token)), 401, "unauthorized")
 
 
 def test_admin_routes_need_the_admin_scope(ingress: Ingress) -> None:
