@@ -21,7 +21,13 @@ from lib.accounts.settings import AccountsSettings
 from lib.db import DATABASE_URL_ENV, resolve_database_url
 from lib.errors import ConfigurationError
 from lib.sealed.settings import SealedSettings
-from lib.secrets import MIN_SECRET_BYTES, PLACEHOLDER_SECRETS, Environment, read_or_create_secret
+from lib.secrets import (
+    MIN_SECRET_BYTES,
+    PLACEHOLDER_SECRETS,
+    Environment,
+    is_weak_secret,
+    read_or_create_secret,
+)
 
 # Field name -> environment variable consulted when the app args leave the field out.
 ENV_VARS: dict[str, str] = {
@@ -147,7 +153,8 @@ class Secrets(BaseModel):
         """Read the secrets; in development, generate what is missing and keep it in state_dir.
 
         A missing, short or placeholder SECRET_KEY refuses to start outside development, and a
-        short bootstrap API key anywhere.
+        short bootstrap API key anywhere; in production a SECRET_KEY or API key that is plainly
+        not random (``'a' * 32``, a repeated pattern) is refused too.
         """
         env = os.environ if env is None else env
         secret = env.get("SECRET_KEY", "")
@@ -156,14 +163,20 @@ class Secrets(BaseModel):
             if not secret:
                 secret = read_or_create_secret(settings.state_path / DEV_SECRET_FILE)
             keys.append(SecretStr(read_or_create_secret(settings.state_path / DEV_API_KEY_FILE)))
-        if secret.strip().lower() in PLACEHOLDER_SECRETS or len(secret.encode()) < MIN_SECRET_BYTES:
+        production = settings.environment == "production"
+        if (
+            secret.strip().lower() in PLACEHOLDER_SECRETS
+            or len(secret.encode()) < MIN_SECRET_BYTES
+            or (production and is_weak_secret(secret))
+        ):
             raise ConfigurationError(
                 f"SECRET_KEY must be set to a random value of at least {MIN_SECRET_BYTES} bytes "
-                f"outside development (environment={settings.environment})"
+                f"outside development, e.g. from secrets.token_urlsafe(32) (environment={settings.environment})"
             )
         for key in keys:
             # Short keys can be guessed; a key with dots would be taken for a JWT and never match.
-            if len(key.get_secret_value()) < MIN_API_KEY_CHARS or "." in key.get_secret_value():
+            value = key.get_secret_value()
+            if len(value) < MIN_API_KEY_CHARS or "." in value or (production and is_weak_secret(value)):
                 raise ConfigurationError(
                     f"every API_KEYS entry must be a random string of at least {MIN_API_KEY_CHARS} "
                     "characters without dots, e.g. from secrets.token_urlsafe(32)"
