@@ -40,6 +40,7 @@ ENV_VARS: dict[str, str] = {
     "cors_origins": "CORS_ORIGINS",
     "request_timeout_s": "REQUEST_TIMEOUT_S",
     "generation_threads": "GENERATION_THREADS",
+    "allow_pickle_models": "ALLOW_PICKLE_MODELS",
 }
 
 MIN_API_KEY_CHARS = 32
@@ -69,6 +70,12 @@ class AppSettings(BaseModel):
     model_dirs: list[str] = Field(
         default_factory=lambda: ["ai-models/"],
         description="Directories scanned for local models (comma-separated in MODEL_DIRS).",
+    )
+    allow_pickle_models: bool = Field(
+        False,
+        description="List and load pickle-format checkpoints (.bin, .pt, .pth, .ckpt) found in "
+        "model_dirs, with torch.load(weights_only=True); off: they are listed as errors and never "
+        "loaded (ALLOW_PICKLE_MODELS=1).",
     )
     model_scan_interval: float = Field(
         10.0, gt=0, le=3600, description="Seconds between two scans of the model directories."
@@ -170,8 +177,8 @@ class Secrets(BaseModel):
             or (production and is_weak_secret(secret))
         ):
             raise ConfigurationError(
-                f"SECRET_KEY must be set to a random value of at least {MIN_SECRET_BYTES} bytes "
-                f"outside development, e.g. from secrets.token_urlsafe(32) (environment={settings.environment})"
+                f"SECRET_KEY must be set to a random value of at least {MIN_SECRET_BYTES} bytes outside "
+                f"development, e.g. from secrets.token_urlsafe(32) (environment={settings.environment})"
             )
         for key in keys:
             # Short keys can be guessed; a key with dots would be taken for a JWT and never match.

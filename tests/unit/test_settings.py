@@ -23,7 +23,7 @@ from lib.settings import (
 
 KEY_A = "ss_Nf3kW8pQ2xV7mZ1cR5tY9bH4jL6dG0sA_eUi"
 KEY_B = "ss_Tq6yE1oP8wK3nM5vB7cX9zJ2hF4gD0aS-rLu"
-GOOD_SECRET = "Zq3v-7pLk2_Xw9rTb4nYc8sHd1fMj6gU0aEo5iRt"  # noqa: S105 - random-looking, for tests
+GOOD_SECRET = "Zq3v-7pLk2_Xw9rTb4nYc8sHd1fMj6gU0aEo5iRt"
 
 # field -> (value given as app arg, env var text, value the env var text parses to)
 PRECEDENCE_CASES: dict[str, tuple[Any, str, Any]] = {
@@ -36,6 +36,7 @@ PRECEDENCE_CASES: dict[str, tuple[Any, str, Any]] = {
     "cors_origins": (["https://args.example"], "https://env.example", ["https://env.example"]),
     "request_timeout_s": (11.0, "99.5", 99.5),
     "generation_threads": (3, "2", 2),
+    "allow_pickle_models": (False, "1", True),
 }
 
 
