@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Torch first, so the rest resolves against it. The default takes the CPU build that pip finds
 # locally (a find-links wheel) instead of a multi-GB CUDA download; on a GPU node set, e.g.,
-# TORCH_SPEC='torch>=2.4'.
+# TORCH_SPEC='torch>=2.10'.
 TORCH_SPEC ?= torch==2.13.0
 PORT ?= 8000
 PYTEST_ARGS ?=
