@@ -5,17 +5,20 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Torch first, so the rest resolves against it. The default takes the CPU build that pip finds
 # locally (a find-links wheel) instead of a multi-GB CUDA download; on a GPU node set, e.g.,
-# TORCH_SPEC='torch>=2.4'.
+# TORCH_SPEC='torch>=2.10'.
 TORCH_SPEC ?= torch==2.13.0
 PORT ?= 8000
 PYTEST_ARGS ?=
+# Seconds of fuzzing in make fuzz (the service's start comes on top).
+FUZZ_SECONDS ?= 120
 
-.PHONY: help install install-test system-deps serve test test-unit test-integration lint bench clean
+.PHONY: help install install-test system-deps serve test test-unit test-integration lint fuzz bench clean
 
 help:
 	@echo "make serve   set up .venv, build demo models if needed, start the service on PORT ($(PORT))"
 	@echo "make test    set up .venv with the test extra and run the whole suite"
 	@echo "make lint    ruff + mypy"
+	@echo "make fuzz    schemathesis against a live make serve for FUZZ_SECONDS ($(FUZZ_SECONDS))"
 	@echo "make bench   run the benchmarks in bench/ (reports in bench/reports/)"
 
 $(VENV)/.installed: pyproject.toml
@@ -58,6 +61,11 @@ test-integration: install-test
 lint: install-test
 	$(VENV)/bin/ruff check deployments lib tests bench devservers
 	$(VENV)/bin/mypy
+
+# schemathesis against the service as make serve starts it (devservers/fuzz.py): no 5xx, every
+# error in the documented body, every response valid against the OpenAPI document.
+fuzz: install-test
+	$(PY) -m devservers.fuzz --max-time $(FUZZ_SECONDS)
 
 bench: install-test system-deps
 	$(PIP) install --quiet -e ".[test,bench]"

@@ -48,7 +48,7 @@ class ModelLoader:
 
     def __init__(self, settings: AppSettings, app_name: str) -> None:
         self._settings = settings
-        self._catalog = ModelCatalog(settings.model_dirs)
+        self._catalog = ModelCatalog(settings.model_dirs, allow_pickle=settings.allow_pickle_models)
         self._sealed: SealedCatalog | None = None
         if settings.sealed is not None:
             node = ray.get_runtime_context().get_node_id()[:16]

@@ -8,6 +8,8 @@ line without its password.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -101,7 +103,7 @@ def _sqlite_engine(url: str, database: str | None) -> Engine:
         kwargs = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
     else:
         # The file holds key hashes and usage: not secrets, but nobody else's business either.
-        Path(database or "").expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_file(Path(database or "").expanduser())
     engine = create_engine(url, hide_parameters=True, **kwargs)
 
     @event.listens_for(engine, "connect")
@@ -119,6 +121,19 @@ def _sqlite_engine(url: str, database: str | None) -> Engine:
             cursor.close()
 
     return engine
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file 0600 (its directory 0700) before SQLite does with the umask's 0644;
+    tighten one of ours that others can read. SQLite gives its -wal and -shm files the same mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o700)
+    finally:
+        os.close(fd)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

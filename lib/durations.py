@@ -9,10 +9,13 @@ from lib.errors import ValidationFailedError
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _DURATION = re.compile(r"^\s*(\d{1,6})\s*([smhdw])\s*$", re.IGNORECASE)
+# Far beyond any key's useful life, and far from the ends of datetime's range: a date this far
+# from now is always representable (999999w is 19,000 years: an OverflowError, a 500, before).
+MAX_DURATION = timedelta(days=100 * 366)
 
 
 def parse_duration(text: str) -> timedelta:
-    """``N`` followed by s, m, h, d or w; must be positive."""
+    """``N`` followed by s, m, h, d or w; must be positive and at most :data:`MAX_DURATION`."""
     match = _DURATION.match(text)
     if not match:
         raise ValidationFailedError(
@@ -21,7 +24,10 @@ def parse_duration(text: str) -> timedelta:
     amount = int(match.group(1))
     if amount == 0:
         raise ValidationFailedError("a duration must be positive")
-    return timedelta(**{_UNITS[match.group(2).lower()]: amount})
+    duration = timedelta(**{_UNITS[match.group(2).lower()]: amount})
+    if duration > MAX_DURATION:
+        raise ValidationFailedError(f"a duration must be at most {MAX_DURATION.days // 366} years")
+    return duration
 
 
 def parse_since(text: str, now: datetime) -> datetime:
@@ -34,4 +40,8 @@ def parse_since(text: str, now: datetime) -> datetime:
         raise ValidationFailedError(
             f"invalid time {text[:40]!r}: expected a duration like 7d or an ISO date like 2025-01-31"
         ) from None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last representable moment in UTC
+        raise ValidationFailedError(f"time {text[:40]!r} is out of range") from None

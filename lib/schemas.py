@@ -128,7 +128,9 @@ class ModelInfo(BaseModel):
     id: str = Field(description="SHA-256 of the model file (a digest over the files of a directory).")
     name: str
     size: int = Field(description="Bytes on disk (plaintext size for sealed models).")
-    path: str | None = Field(None, description="Local path (local models).")
+    path: str | None = Field(
+        None, description="Always null over HTTP: where a model lies on a node is not shown to callers."
+    )
     source: ModelSource = "local"
     extension: str = Field(description="File extension, or '' for a model directory.")
     kind: ModelKind | None = Field(None, description="None when the file could not be recognised.")
@@ -198,13 +200,20 @@ class DeploymentHealth(BaseModel):
 
 
 class Health(BaseModel):
+    """Liveness and readiness. The details (null for a caller without an admin credential) name
+    deployments, devices and upstream errors, which are internals."""
+
     status: Literal["ok", "degraded"]
     ready: bool
     version: str
-    device: str
-    deployments: list[DeploymentHealth]
-    models: int = Field(description="Models in the catalog.")
-    errors: list[str] = Field(default_factory=list)
+    device: str | None = None
+    deployments: list[DeploymentHealth] | None = None
+    models: int | None = Field(None, description="Models in the catalog.")
+    errors: list[str] | None = None
+
+    def public(self) -> Health:
+        """What anyone may see: whether the service is up and ready, nothing about its internals."""
+        return Health(status=self.status, ready=self.ready, version=self.version)
 
 
 class TokenResponse(BaseModel):

@@ -21,7 +21,13 @@ from lib.accounts.settings import AccountsSettings
 from lib.db import DATABASE_URL_ENV, resolve_database_url
 from lib.errors import ConfigurationError
 from lib.sealed.settings import SealedSettings
-from lib.secrets import MIN_SECRET_BYTES, PLACEHOLDER_SECRETS, Environment, read_or_create_secret
+from lib.secrets import (
+    MIN_SECRET_BYTES,
+    PLACEHOLDER_SECRETS,
+    Environment,
+    is_weak_secret,
+    read_or_create_secret,
+)
 
 # Field name -> environment variable consulted when the app args leave the field out.
 ENV_VARS: dict[str, str] = {
@@ -34,6 +40,7 @@ ENV_VARS: dict[str, str] = {
     "cors_origins": "CORS_ORIGINS",
     "request_timeout_s": "REQUEST_TIMEOUT_S",
     "generation_threads": "GENERATION_THREADS",
+    "allow_pickle_models": "ALLOW_PICKLE_MODELS",
 }
 
 MIN_API_KEY_CHARS = 32
@@ -63,6 +70,12 @@ class AppSettings(BaseModel):
     model_dirs: list[str] = Field(
         default_factory=lambda: ["ai-models/"],
         description="Directories scanned for local models (comma-separated in MODEL_DIRS).",
+    )
+    allow_pickle_models: bool = Field(
+        False,
+        description="List and load pickle-format checkpoints (.bin, .pt, .pth, .ckpt) found in "
+        "model_dirs, with torch.load(weights_only=True); off: they are listed as errors and never "
+        "loaded (ALLOW_PICKLE_MODELS=1).",
     )
     model_scan_interval: float = Field(
         10.0, gt=0, le=3600, description="Seconds between two scans of the model directories."
@@ -147,7 +160,8 @@ class Secrets(BaseModel):
         """Read the secrets; in development, generate what is missing and keep it in state_dir.
 
         A missing, short or placeholder SECRET_KEY refuses to start outside development, and a
-        short bootstrap API key anywhere.
+        short bootstrap API key anywhere; in production a SECRET_KEY or API key that is plainly
+        not random (``'a' * 32``, a repeated pattern) is refused too.
         """
         env = os.environ if env is None else env
         secret = env.get("SECRET_KEY", "")
@@ -156,14 +170,20 @@ class Secrets(BaseModel):
             if not secret:
                 secret = read_or_create_secret(settings.state_path / DEV_SECRET_FILE)
             keys.append(SecretStr(read_or_create_secret(settings.state_path / DEV_API_KEY_FILE)))
-        if secret.strip().lower() in PLACEHOLDER_SECRETS or len(secret.encode()) < MIN_SECRET_BYTES:
+        production = settings.environment == "production"
+        if (
+            secret.strip().lower() in PLACEHOLDER_SECRETS
+            or len(secret.encode()) < MIN_SECRET_BYTES
+            or (production and is_weak_secret(secret))
+        ):
             raise ConfigurationError(
-                f"SECRET_KEY must be set to a random value of at least {MIN_SECRET_BYTES} bytes "
-                f"outside development (environment={settings.environment})"
+                f"SECRET_KEY must be set to a random value of at least {MIN_SECRET_BYTES} bytes outside "
+                f"development, e.g. from secrets.token_urlsafe(32) (environment={settings.environment})"
             )
         for key in keys:
             # Short keys can be guessed; a key with dots would be taken for a JWT and never match.
-            if len(key.get_secret_value()) < MIN_API_KEY_CHARS or "." in key.get_secret_value():
+            value = key.get_secret_value()
+            if len(value) < MIN_API_KEY_CHARS or "." in value or (production and is_weak_secret(value)):
                 raise ConfigurationError(
                     f"every API_KEYS entry must be a random string of at least {MIN_API_KEY_CHARS} "
                     "characters without dots, e.g. from secrets.token_urlsafe(32)"

@@ -39,6 +39,11 @@ def memory_only() -> Iterator[None]:
         _MEMORY_ONLY.reset(token)
 
 
+def is_memory_only() -> bool:
+    """Whether the caller is inside :func:`memory_only` (and a lookup must raise :class:`CacheMiss`)."""
+    return _MEMORY_ONLY.get()
+
+
 class TtlCache(Generic[K, V]):
     def __init__(
         self,

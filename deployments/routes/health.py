@@ -1,13 +1,18 @@
-"""Service info and health: ``GET /``, ``/v1``, ``/health``, ``/v1/health`` (no auth)."""
+"""Service info and health: ``GET /``, ``/v1``, ``/health``, ``/v1/health``.
+
+Health needs no credential for status and readiness (load balancers, probes); its details
+(deployments, devices, upstream errors with hostnames and account names) need an admin one.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from deployments.routes.deps import Models
+from deployments.routes.deps import Models, admit
 from deployments.version import VERSION
+from lib.accounts.records import Scope
 from lib.schemas import Health
 
 router = APIRouter()
@@ -37,7 +42,13 @@ router.get("/", summary="Service info and links")(info)
 router.get("/v1", summary="Service info and links (v1)")(info)
 
 
-@router.get("/health", response_model=Health, summary="Liveness and readiness (no auth)")
-@router.get("/v1/health", response_model=Health, summary="Liveness and readiness (no auth)")
-async def health(models: Models) -> Health:
+_SUMMARY = "Liveness and readiness; details with an admin credential"
+
+
+@router.get("/health", response_model=Health, response_model_exclude_none=True, summary=_SUMMARY)
+@router.get("/v1/health", response_model=Health, response_model_exclude_none=True, summary=_SUMMARY)
+async def health(request: Request, models: Models) -> Health:
+    if request.headers.get("authorization") is None:
+        return (await models.health()).public()
+    await admit(request, Scope.ADMIN)  # a credential that is given must be valid and admin
     return await models.health()

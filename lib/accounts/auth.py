@@ -4,10 +4,9 @@ Three kinds of credential are accepted, checked in this order:
 
 * a JWT (three dot-separated segments; API keys never contain a dot), verified by the
   :class:`lib.tokens.TokenService`. Its ``sub`` is the id of the API key it was issued for: that
-  key must still be usable (a token dies with its key, within the lookup cache's TTL), its scopes
-  bound the token's, and its rate limit applies. A token whose subject is no stored key (a bootstrap
-  key's token, or one minted by an operator holding ``SECRET_KEY``) keeps its own scopes and gets
-  the bootstrap rate limit;
+  key must still exist and be usable (a token dies with its key, within the lookup cache's TTL),
+  its scopes bound the token's, and its rate limit applies. Only a bootstrap key's token (subject
+  ``bootstrap:…``) has no stored key: it keeps its own scopes and gets the bootstrap rate limit;
 * a bootstrap key from ``API_KEYS`` (all scopes, the bootstrap rate limit);
 * a stored API key, found through ``lookup_key`` (the per-replica :class:`lib.accounts.key_cache.KeyCache`).
 
@@ -122,12 +121,10 @@ class Authenticator:
         subject = claims.subject
         if self._lookup_key_id is not None and not subject.startswith(BOOTSTRAP_SUBJECT_PREFIX):
             record = self._lookup_key_id(subject)
-            if record is not None:
-                if not record.is_usable(self._clock()):
-                    raise AuthenticationError(INVALID_CREDENTIALS)
-                return Principal(
-                    subject, scopes.intersection(record.scopes), "jwt", record.rate_limit_spec
-                )
+            # A key row that no longer exists (deleted) ends its tokens like a revoked one.
+            if record is None or not record.is_usable(self._clock()):
+                raise AuthenticationError(INVALID_CREDENTIALS)
+            return Principal(subject, scopes.intersection(record.scopes), "jwt", record.rate_limit_spec)
         return Principal(subject, scopes, "jwt", self._bootstrap_rate_limit)
 
 

@@ -20,8 +20,10 @@ class RequestContextMiddleware:
 
     A client-supplied ``X-Request-ID`` is kept when it is short and plain, so a caller can trace
     its own ids; otherwise a new one is made. Behind Ray Serve's proxy (``proxy_sets_request_id``)
-    the proxy has already chosen the id, put it in the request headers and will put it on the
-    response, so the middleware only reads it. Bodies larger than ``max_body_bytes`` are refused
+    the proxy has already chosen the id (keeping a client's as sent), put it in the request
+    headers and will put it on the response, so the middleware only reads it, and replaces one
+    that is not plain for its own use (error bodies, logs, usage); the proxy's response header is
+    the proxy's. Bodies larger than ``max_body_bytes`` are refused
     with 413 — by Content-Length up front, and by counting for chunked bodies — and, with
     ``json_only``, a body that is not ``application/json`` is refused with 415.
     """
@@ -45,10 +47,9 @@ class RequestContextMiddleware:
             return
         headers = Headers(scope=scope)
         supplied = headers.get(REQUEST_ID_HEADER, "")
-        if self.proxy_sets_request_id:
-            request_id = supplied or uuid.uuid4().hex
-        else:
-            request_id = supplied if _CLIENT_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        # Behind the proxy the id may still be the client's, passed through as sent: only a plain
+        # one reaches error bodies, logs and usage records.
+        request_id = supplied if _CLIENT_REQUEST_ID.match(supplied) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["echo_request_id"] = not self.proxy_sets_request_id

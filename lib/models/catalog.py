@@ -4,10 +4,15 @@ A model is a file with a model extension, or a directory holding a diffusers ``m
 or a transformers ``config.json`` (not descended into). Its id is the SHA-256 of the file; for a
 directory, the SHA-256 over the sorted lines ``relative-path NUL file-sha256 LF`` of its files.
 File digests are cached by (path, size, mtime), so a rescan only hashes what changed.
+
+Links are followed only where they stay inside the MODEL_DIRS entry they were found in (a
+Hugging Face cache's snapshot links into its blobs do): a ``passwd.bin -> /etc/passwd``, a linked
+directory elsewhere, or a model directory holding such a link is not listed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -94,12 +99,15 @@ class ModelCatalog:
         dirs: Sequence[str | Path],
         *,
         digests: DigestCache | None = None,
-        recognise_model: Callable[[Path], Recognition] = recognise,
+        recognise_model: Callable[[Path], Recognition] | None = None,
         max_depth: int = 4,
+        allow_pickle: bool = False,
     ) -> None:
+        """``allow_pickle``: list pickle-format checkpoints (``ALLOW_PICKLE_MODELS``), recognised
+        with ``torch.load(weights_only=True)``; otherwise they are listed as errors, never loaded."""
         self._dirs = [Path(d) for d in dirs]
         self._digests = digests or DigestCache()
-        self._recognise = recognise_model
+        self._recognise = recognise_model or functools.partial(recognise, allow_pickle=allow_pickle)
         self._recognised: dict[str, Recognition] = {}
         self._max_depth = max_depth
         self._entries: dict[str, ModelInfo] = {}
@@ -167,9 +175,9 @@ class ModelCatalog:
             if not root.is_dir():
                 log.debug("model directory %s does not exist", root)
                 continue
-            yield from self._walk(root, depth=0)
+            yield from self._walk(root, root.resolve(), depth=0)
 
-    def _walk(self, directory: Path, depth: int) -> Iterator[Path]:
+    def _walk(self, directory: Path, boundary: Path, depth: int) -> Iterator[Path]:
         try:
             children = sorted(directory.iterdir())
         except OSError as exc:
@@ -178,11 +186,19 @@ class ModelCatalog:
         for child in children:
             if _skipped(child.name):
                 continue
+            if child.is_symlink() and not _inside(child, boundary):
+                log.warning("skipping %s: a link out of the model directory %s", child, boundary)
+                continue
             if child.is_dir():
                 if is_model_dir(child):
-                    yield child
+                    escaping = _link_out_of(child, boundary)
+                    if escaping is None:
+                        yield child
+                    else:
+                        log.warning("skipping %s: %s links out of the model directory %s",
+                                    child, escaping, boundary)
                 elif depth < self._max_depth:
-                    yield from self._walk(child, depth + 1)
+                    yield from self._walk(child, boundary, depth + 1)
             elif child.suffix in MODEL_FILE_EXTENSIONS:
                 yield child
 
@@ -204,6 +220,23 @@ class ModelCatalog:
             error=recognition.error,
             num_labels=recognition.num_labels,
         )
+
+
+def _inside(path: Path, boundary: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(boundary)
+    except (OSError, RuntimeError):  # a dangling link, or a loop
+        return False
+
+
+def _link_out_of(model_dir: Path, boundary: Path) -> Path | None:
+    """The first link under ``model_dir`` that leads out of ``boundary`` (None: none does)."""
+    for dirpath, dirnames, filenames in os.walk(model_dir):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            if path.is_symlink() and not _inside(path, boundary):
+                return path
+    return None
 
 
 def find_model(entries: Sequence[ModelInfo], model_id: str) -> ModelInfo:

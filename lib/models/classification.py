@@ -12,6 +12,7 @@ from PIL import Image
 
 from lib.errors import ModelUnavailableError
 from lib.models.device import Device
+from lib.models.files import has_safetensors
 from lib.schemas import Prediction
 
 
@@ -31,13 +32,15 @@ def load_classifier(path: Path, device: Device) -> Classifier:
     """Load a transformers image classifier directory (config.json + weights + preprocessor).
 
     ``weights_only`` stays at its safe default, so a pickle-based ``pytorch_model.bin`` cannot run
-    code; safetensors weights are preferred when present.
+    code; where safetensors weights exist they are the only ones read (``use_safetensors=True``),
+    so a pickle beside them is never opened.
     """
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     try:
         model = AutoModelForImageClassification.from_pretrained(
-            path, local_files_only=True, dtype=device.dtype
+            path, local_files_only=True, dtype=device.dtype,
+            use_safetensors=True if has_safetensors(path) else None,
         )
         processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except Exception as exc:

@@ -1,8 +1,11 @@
 """What a model on disk is: its kind, whether it can be loaded safely, and its label count.
 
-Recognition reads metadata only (JSON configs, the safetensors header) except for pickle-based
-checkpoints, which are opened with ``torch.load(weights_only=True)`` — never with a fallback to
-full unpickling — so a malicious pickle is reported as an error instead of being executed.
+Recognition reads metadata only (JSON configs, the safetensors header). Pickle-based checkpoints
+(``.bin``, ``.pt``, ``.pth``, ``.ckpt``, and model directories whose only weights are such files)
+are refused unless the operator opts in (``ALLOW_PICKLE_MODELS=1``): ``weights_only=True`` has had
+bypasses (CVE-2025-32434, CVE-2026-24747). With the opt-in they are opened with
+``torch.load(weights_only=True)`` — never with a fallback to full unpickling — so a malicious
+pickle is reported as an error instead of being executed.
 """
 
 from __future__ import annotations
@@ -29,18 +32,39 @@ class Recognition:
     num_labels: int | None = None
 
 
+PICKLE_REFUSED = (
+    "pickle-format weights are refused (weights_only=True has had bypasses); convert them to "
+    "safetensors, or set ALLOW_PICKLE_MODELS=1 to load them with weights_only=True"
+)
+
+
 def is_model_dir(path: Path) -> bool:
     return (path / DIFFUSERS_MARKER).is_file() or (path / TRANSFORMERS_MARKER).is_file()
 
 
-def recognise(path: Path) -> Recognition:
+def has_safetensors(path: Path) -> bool:
+    """Whether the model directory ``path`` holds safetensors weights (then loaders use only those)."""
+    return any(path.rglob("*.safetensors"))
+
+
+def _only_pickle_weights(path: Path) -> bool:
+    return not has_safetensors(path) and any(
+        f.suffix in PICKLE_EXTENSIONS for f in path.rglob("*") if f.is_file()
+    )
+
+
+def recognise(path: Path, *, allow_pickle: bool = False) -> Recognition:
     """Tell what the model file or directory at ``path`` is; never raises for bad content."""
     try:
         if path.is_dir():
+            if not allow_pickle and _only_pickle_weights(path):
+                return Recognition(kind=None, error=PICKLE_REFUSED)
             return _recognise_dir(path)
         if path.suffix == ".safetensors":
             return _from_keys(_safetensors_keys(path))
         if path.suffix in PICKLE_EXTENSIONS:
+            if not allow_pickle:
+                return Recognition(kind=None, error=PICKLE_REFUSED)
             return _from_keys(_pickle_keys(path))
     except UnsafeOrCorrupt as exc:
         return Recognition(kind=None, error=str(exc))

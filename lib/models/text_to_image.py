@@ -13,6 +13,7 @@ import torch
 
 from lib.errors import ModelUnavailableError
 from lib.models.device import Device
+from lib.models.files import has_safetensors
 from lib.models.generation import GenerationControl
 from lib.models.imaging import encode_png
 from lib.models.previews import latent_previews
@@ -48,14 +49,16 @@ def load_pipeline(path: Path, device: Device) -> Any:
     """Load a text-to-image pipeline from a diffusers directory or a single checkpoint file.
 
     Everything is local (``local_files_only``): model sources are configuration, and a replica
-    must never reach out to a hub. safetensors weights are preferred by diffusers when present.
+    must never reach out to a hub. Where safetensors weights exist they are the only ones read
+    (``use_safetensors=True``): a pickle beside them is never opened.
     """
     from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
 
     try:
         if path.is_dir():
             pipe = AutoPipelineForText2Image.from_pretrained(
-                path, dtype=device.dtype, local_files_only=True
+                path, dtype=device.dtype, local_files_only=True,
+                use_safetensors=True if has_safetensors(path) else None,
             )
         else:
             pipe = StableDiffusionPipeline.from_single_file(

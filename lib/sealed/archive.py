@@ -2,8 +2,9 @@
 
 A sealed model is one file; a directory model (diffusers, transformers) is packed first, so that
 its id, the SHA-256 of that file, depends on the content only: not on file order, mtimes,
-owners or umask. A node unpacks it with the tarfile "data" filter, which refuses "..", links
-leaving the destination and device files.
+owners or umask. A node unpacks it itself (:func:`unpack_archive`): regular files and directories
+with plain relative names only, each created under a directory descriptor without following
+links, whatever Python's tarfile filters would let through.
 """
 
 from __future__ import annotations
@@ -117,13 +118,110 @@ def pack_directory(src: Path, dst: Path) -> tuple[str, int]:
     return writer.hexdigest(), writer.size
 
 
-def unpack_archive(tar_path: Path, dest: Path) -> None:
-    """Unpack a model archive into the new directory ``dest``; IntegrityError if it is unsafe."""
-    dest.mkdir(mode=0o700)
+# Bounds of an archive a node agrees to unpack. The total size is bounded by the archive itself
+# (sparse members, the only way a member can outgrow the bytes it occupies, are refused).
+MAX_MEMBERS = 100_000
+MAX_NAME_BYTES = 4096
+_COPY_CHUNK = 1 << 20
+_TREE_DIR_MODE = 0o700
+_TREE_FILE_MODE = 0o600
+_TREE_EXEC_MODE = 0o700
+
+
+def _member_parts(member: tarfile.TarInfo) -> list[str]:
+    """The components of a member's name; IntegrityError unless relative, normalised and plain."""
+    name = member.name
+    if not name or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise IntegrityError("an archive member has an empty or overlong name")
+    if "\0" in name:
+        raise IntegrityError("an archive member's name holds a NUL byte")
+    if name.startswith("/"):
+        raise IntegrityError(f"archive member {name!r} has an absolute name")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise IntegrityError(f"archive member {name!r} is not a normalised relative name")
+    return parts
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+    if member.issym() or member.islnk():
+        raise IntegrityError(f"archive member {member.name!r} is a link")
+    # REGTYPE/AREGTYPE (isreg) and DIRTYPE only; isreg() is also true of CONTTYPE and GNU sparse
+    # members, which a packed model never holds (and a sparse one could outgrow its bytes).
+    regular = member.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and member.sparse is None
+    if not (regular or member.isdir()):
+        raise IntegrityError(f"archive member {member.name!r} is not a regular file or directory")
+
+
+def _open_parent(root_fd: int, parts: list[str]) -> int:
+    """A descriptor of the member's parent directory, walked from ``root_fd`` without following links."""
+    fd = os.dup(root_fd)
     try:
-        with tarfile.open(tar_path) as archive:
-            # The "data" filter refuses "..", links leaving dest and device files, and strips a
-            # leading "/" so absolute names land inside dest.
-            archive.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError) as exc:
+        for part in parts[:-1]:
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, parent_fd: int, name: str) -> None:
+    mode = _TREE_EXEC_MODE if member.mode & 0o100 else _TREE_FILE_MODE
+    # O_EXCL: a member named twice, or anything already there, is refused; O_NOFOLLOW: never a link.
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                 dir_fd=parent_fd)
+    with os.fdopen(fd, "wb") as out:
+        source = archive.extractfile(member)
+        if source is None:
+            raise IntegrityError(f"archive member {member.name!r} has no data")
+        left = member.size
+        while left:
+            chunk = source.read(min(_COPY_CHUNK, left))
+            if not chunk:
+                raise IntegrityError(f"archive member {member.name!r} is truncated")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def unpack_archive(tar_path: Path, dest: Path, *, max_bytes: int | None = None) -> None:
+    """Unpack a model archive into the new directory ``dest``; IntegrityError if it is unsafe.
+
+    Python's tarfile filters are not relied on (the "data" filter had bypasses, CVE-2025-4517 and
+    later): only regular files and directories with relative, normalised names are accepted (no
+    links, devices, absolute or ``..`` names), at most :data:`MAX_MEMBERS` members whose sizes add
+    up to at most ``max_bytes`` (default: the archive's own size, which a verified archive has
+    from its manifest). Every file is created with ``O_NOFOLLOW | O_EXCL`` under a directory
+    descriptor walked from ``dest`` with ``O_NOFOLLOW``, so nothing on the way can be a link.
+    """
+    dest.mkdir(mode=_TREE_DIR_MODE)
+    root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        budget = os.stat(tar_path).st_size if max_bytes is None else max_bytes
+        members = 0
+        # "r:": an uncompressed tar only, so the size bound means what it says.
+        with tarfile.open(tar_path, mode="r:") as archive:
+            for member in archive:
+                members += 1
+                if members > MAX_MEMBERS:
+                    raise IntegrityError(f"the archive has more than {MAX_MEMBERS} members")
+                _check_member(member)
+                parts = _member_parts(member)
+                budget -= member.size
+                if budget < 0:
+                    raise IntegrityError("the archive's members are larger than the archive may be")
+                parent_fd = _open_parent(root_fd, parts)
+                try:
+                    if member.isdir():
+                        os.mkdir(parts[-1], _TREE_DIR_MODE, dir_fd=parent_fd)
+                    else:
+                        _write_member(archive, member, parent_fd, parts[-1])
+                finally:
+                    os.close(parent_fd)
+    except IntegrityError as exc:
+        raise IntegrityError(f"sealed directory archive cannot be unpacked: {exc.message}") from None
+    except (tarfile.TarError, OSError, UnicodeError) as exc:
         raise IntegrityError(f"sealed directory archive cannot be unpacked: {exc}") from None
+    finally:
+        os.close(root_fd)

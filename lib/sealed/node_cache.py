@@ -2,15 +2,19 @@
 
 Concurrent requests for one model share one fetch (:class:`~lib.sealed.fetch.SealedFetcher`),
 later ones are cache hits, and the plaintext lives only under the cache directory (tmpfs by
-default), evicted LRU under a byte budget and removed with the cache. ``process_cache_dir`` names
-that directory per process and sweeps those of dead processes.
+default), evicted LRU under a byte budget and removed with the cache. ``process_cache_dir`` makes
+that directory per process, under a base that must be a private directory of the service user,
+and sweeps the marked directories of dead processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import stat
+import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -162,24 +166,72 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def process_cache_dir(base: Path, owner: str) -> Path:
-    """This process's cache directory under ``base``, after removing those of dead processes.
+# The file that makes a directory under the cache base one of ours: only such directories are
+# ever swept, so a base shared with anything else loses nothing but our own leftovers.
+MARKER = ".sealserve-node-cache"
+_MARKER_PREFIX = "sealserve node cache of pid "
 
-    The name ends with the pid, so a loader that was killed before it could clean up (SIGKILL,
-    a node crash, a Ray session torn down) has its plaintext removed by the next loader that
-    starts on the machine, whatever application or session it belonged to.
+
+def private_base(base: Path) -> Path:
+    """``base`` as a private directory of this user, created 0700 if missing; else ConfigurationError.
+
+    /dev/shm is world-writable: a link or directory planted there by another local user could make
+    us chmod, sweep or fill a place of their choosing (a persistent disk, their own directory), so
+    a link, another user's directory, or one open to group or others is refused, never repaired.
     """
-    base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # /dev/shm is world-writable: a directory planted there by another user could let them
-    # read or swap our plaintext, so it must be ours and private.
-    if base.stat().st_uid != os.getuid():
+    base.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        base.mkdir(mode=0o700)
+    st = os.lstat(base)
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigurationError(f"model cache directory {base} is a symbolic link; give a real directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigurationError(f"model cache directory {base} is not a directory")
+    if st.st_uid != os.getuid():
         raise ConfigurationError(f"model cache directory {base} belongs to another user")
-    base.chmod(0o700)
-    for stale in base.iterdir():
-        pid = stale.name.rpartition("-")[2]
-        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return base / f"{owner}-{os.getpid()}"
+    if st.st_mode & 0o077:
+        raise ConfigurationError(
+            f"model cache directory {base} is open to group or others (mode {st.st_mode & 0o777:o}); "
+            "make it 0700"
+        )
+    return base
+
+
+def process_cache_dir(base: Path, owner: str) -> Path:
+    """A new private directory of this process under ``base``, after removing those of dead processes.
+
+    Made with ``mkdtemp`` (a fresh, unguessable name, 0700) and marked with the pid, so a loader that
+    was killed before it could clean up (SIGKILL, a node crash, a Ray session torn down) has its
+    plaintext removed by the next loader that starts on the machine, whatever application or
+    session it belonged to. Only marked directories are swept.
+    """
+    private_base(base)
+    for entry in os.scandir(base):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = _marked_pid(Path(entry.path))
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{owner}-{os.getpid()}-", dir=base))
+    fd = os.open(path / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as marker:
+        marker.write(f"{_MARKER_PREFIX}{os.getpid()}\n")
+    return path
+
+
+def _marked_pid(directory: Path) -> int | None:
+    """The pid in ``directory``'s marker, if it holds our marker as a regular file of ours."""
+    try:
+        fd = os.open(directory / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as marker:
+        st = os.fstat(marker.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        text = marker.read(128).decode("ascii", "replace").strip()
+    number = text.removeprefix(_MARKER_PREFIX)
+    return int(number) if text.startswith(_MARKER_PREFIX) and number.isdigit() else None
 
 
 def _alive(pid: int) -> bool:

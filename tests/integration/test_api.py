@@ -77,7 +77,9 @@ def infer_body(model_id: str, **overrides: Any) -> dict[str, Any]:
 def make_jwt(**overrides: Any) -> str:
     now = int(time.time())
     claims: dict[str, Any] = {
-        "iss": "sealserve", "aud": "sealserve-api", "sub": "tester", "scopes": ["infer", "classify"],
+        # A bootstrap subject: a token whose sub is no stored key and no bootstrap key is refused.
+        "iss": "sealserve", "aud": "sealserve-api", "sub": "bootstrap:0123456789ab",
+        "scopes": ["infer", "classify"],
         "iat": now, "nbf": now, "exp": now + 300, "jti": "t1",
     }
     secret = overrides.pop("_secret", TEST_SECRET_KEY)
@@ -99,7 +101,11 @@ def assert_error(response: Any, status: int, code: str | None = None) -> dict[st
 
 def test_health_is_open_and_ready(api: ServeInstance) -> None:
     for path in ("/health", "/v1/health"):
-        response = api.get(path)
+        anonymous = api.get(path)
+        assert anonymous.status_code == 200
+        assert set(anonymous.json()) == {"status", "ready", "version"}  # no internals without a key
+        assert anonymous.json()["ready"] is True
+        response = api.get(path, headers=api.auth())
         assert response.status_code == 200
         body = response.json()
         assert body["ready"] is True and body["status"] == "ok"
@@ -171,6 +177,9 @@ def test_valid_jwt_is_accepted_and_scopes_apply(api: ServeInstance) -> None:
     assert api.get("/v1/models", headers=api.auth(make_jwt())).status_code == 200
     classify_only = make_jwt(scopes=["classify"])
     assert_error(api.get("/v1/models", headers=api.auth(classify_only)), 403, "forbidden")
+    # Signed with SECRET_KEY, but its subject is no key (deleted, or never one): refused.
+    no_key = make_jwt(sub="a-deleted-key-id")
+    assert_error(api.get("/v1/models", headers=api.auth(no_key)), 401, "unauthorized")
 
 
 # --- catalog --------------------------------------------------------------------------------

@@ -126,5 +126,5 @@ def test_classifier_scales_up_under_load_and_back_down_after(api: ServeInstance)
     assert shrunk == {"RUNNING": 1}
     # The replica that stayed still serves (whichever replica owned the node's loader).
     assert classify() == 200
-    health = api.get("/health").json()
+    health = api.get("/health", headers=api.auth()).json()
     assert health["ready"] is True, health

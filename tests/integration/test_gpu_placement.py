@@ -134,7 +134,7 @@ def test_two_half_gpu_replicas_share_the_one_gpu(api: ServeInstance) -> None:
 
 
 def test_replicas_fall_back_to_cpu_and_health_says_so(api: ServeInstance) -> None:
-    health = api.get("/health").json()
+    health = api.get("/health", headers=api.auth()).json()
     assert health["ready"] is True and health["device"] == "cpu", health
     entries = {entry["deployment"]: entry for entry in health["deployments"]}
     assert set(entries) == {"TextToImage", "ImageClassifier"}

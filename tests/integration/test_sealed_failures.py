@@ -1,8 +1,9 @@
 """Sealed models when something is wrong: each failure is a clear 503, in /health and in the logs.
 
 The cases run in order against one Serve instance: wrong reader credentials (a second app), a
-manifest forged by a publisher the nodes do not trust, a corrupted big part, S3 down, then the
-resource API down. Nothing unverified is ever loaded.
+manifest forged by a publisher the nodes do not trust, a corrupted big part, a hostile directory
+archive, S3 down, then the resource API down. Nothing unverified is ever loaded, and nothing is
+written outside the node's cache.
 """
 
 from __future__ import annotations
@@ -17,27 +18,54 @@ import pytest
 import ray
 from ray import serve
 
+import lib.sealed.publish
 from deployments.app import bind_graph
 from lib.cli.publish import detect_kind
+from lib.digest import sha256_file
 from lib.sealed.cdn import CdnClient
 from lib.sealed.publish import publish_model
 from lib.sealed.signing import SigningKey
 from lib.settings import AppSettings
+from tests.hostile_archives import symlink_chain_escape
 from tests.integration.test_api import assert_error, png_b64
 from tests.sealed_world import BUCKET, FOLDER, SMALL_SIZE_KB, SealedWorld, mark_unique, sealed_world
 from tests.serve_harness import ServeInstance, running_serve, start_ray, wait_ready
 
 MODELS = ("clf-corrupt", "clf-s3-down", "clf-api-down", "clf-forged")
+HOSTILE = "clf-hostile"
 WRONG_READER = ("wrong-reader@sealserve.test", "a-password-the-loader-does-not-have")
 
 
 @pytest.fixture(scope="module")
-def world(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SealedWorld]:
+def outside(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory outside the node's cache that the hostile archive aims at."""
+    return tmp_path_factory.mktemp("outside")
+
+
+@pytest.fixture(scope="module")
+def world(
+    demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory, outside: Path
+) -> Iterator[SealedWorld]:
     sources = tmp_path_factory.mktemp("sources")
     models = {name: mark_unique(demo_models_dir / "tiny-classifier", sources / name)[0] for name in MODELS}
     with sealed_world(tmp_path_factory.mktemp("sealed"), models) as sealed:
         sealed.resource_api.create_user(*WRONG_READER, role="reader")
+        publish_hostile(sealed, demo_models_dir / "tiny-classifier", outside)
         yield sealed
+
+
+def publish_hostile(world: SealedWorld, source: Path, outside: Path) -> None:
+    """A publisher's archive that escapes Python 3.11.7's tarfile "data" filter into ``outside``.
+
+    Published through the real path (seal, S3, resource API); only the packing is the attacker's.
+    """
+    def hostile_pack(src: Path, dst: Path) -> tuple[str, int]:
+        dst.write_bytes(symlink_chain_escape(outside))
+        return sha256_file(dst), dst.stat().st_size
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lib.sealed.publish, "pack_directory", hostile_pack)
+        world.publish(source, HOSTILE)
 
 
 def settings_for(world: SealedWorld, tmp: pytest.TempPathFactory, sealed: dict[str, Any]) -> AppSettings:
@@ -55,7 +83,7 @@ def settings_for(world: SealedWorld, tmp: pytest.TempPathFactory, sealed: dict[s
 @pytest.fixture(scope="module")
 def api(world: SealedWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInstance]:
     start_ray()
-    settings = settings_for(world, tmp_path_factory, world.sealed_args(list(MODELS)))
+    settings = settings_for(world, tmp_path_factory, world.sealed_args([*MODELS, HOSTILE]))
     with running_serve(bind_graph(settings), Path(settings.model_dirs[0])) as instance:
         yield instance
 
@@ -66,13 +94,13 @@ def classify(api: ServeInstance, model: str, prefix: str = "") -> Any:
 
 
 def health_errors(api: ServeInstance, prefix: str = "") -> list[str]:
-    body = api.get(f"{prefix}/health").json()
+    body = api.get(f"{prefix}/health", headers=api.auth()).json()
     assert body["status"] == ("degraded" if body["errors"] else "ok")
     return list(body["errors"])
 
 
 def loaded_classifiers(api: ServeInstance) -> list[str]:
-    deployments = api.get("/health").json()["deployments"]
+    deployments = api.get("/health", headers=api.auth()).json()["deployments"]
     return next(d["loaded_models"] for d in deployments if d["deployment"] == "ImageClassifier")
 
 
@@ -154,6 +182,18 @@ def test_corrupted_big_part(api: ServeInstance, world: SealedWorld) -> None:
     # the other sealed models are unaffected
     assert classify(api, "clf-s3-down").status_code == 200
     assert classify(api, "clf-s3-down").json()["model"] == world.published["clf-s3-down"].id
+
+
+def test_hostile_directory_archive(api: ServeInstance, world: SealedWorld, outside: Path) -> None:
+    published = world.published[HOSTILE]
+
+    error = assert_error(classify(api, HOSTILE), 503, "model_unavailable")
+
+    assert "IntegrityError" in error["message"] and "cannot be unpacked" in error["message"]
+    assert list(outside.iterdir()) == []
+    assert not any(published.id in p.name for p in world.cache_dir.rglob("*"))
+    assert published.id not in loaded_classifiers(api)
+    assert classify(api, "clf-s3-down").status_code == 200
 
 
 def test_s3_down(api: ServeInstance, world: SealedWorld) -> None:

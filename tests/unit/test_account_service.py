@@ -22,7 +22,7 @@ from lib.errors import ConfigurationError, NotFoundError, PermissionDeniedError,
 from lib.settings import AppSettings, Secrets, accounts_database_url
 from lib.tokens import TokenService
 
-SECRET = "x" * 40
+SECRET = "Zq3v-7pLk2_Xw9rTb4nYc8sHd1fMj6gU0aEo5iRt"
 T0 = datetime(2030, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 

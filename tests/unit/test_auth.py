@@ -257,13 +257,20 @@ def test_jwt_of_a_key_expiring_later_is_accepted() -> None:
     assert key_id_authenticator(lookup_id).authenticate(f"Bearer {token}").scopes == frozenset({"infer"})
 
 
-def test_jwt_of_an_unknown_subject_keeps_its_scopes_and_gets_the_bootstrap_limit() -> None:
+def test_jwt_whose_key_row_no_longer_exists_is_refused() -> None:
+    # Its key was deleted (or the token was minted for a subject that was never a key): no scopes
+    # of its own survive, whatever the token claims.
     lookup_id = RecordingLookup()
-    token = tokens().issue("operator-minted", ["classify", "no-such-scope"]).token
-    principal = key_id_authenticator(lookup_id).authenticate(f"Bearer {token}")
-    # Scope names the service does not know are dropped, not carried along.
-    assert principal == Principal("operator-minted", frozenset({"classify"}), "jwt", BOOTSTRAP_LIMIT)
-    assert lookup_id.calls == ["operator-minted"]
+    token = tokens().issue("deleted-key-id", ["admin", "classify"]).token
+    with pytest.raises(AuthenticationError, match=INVALID_CREDENTIALS):
+        key_id_authenticator(lookup_id).authenticate(f"Bearer {token}")
+    assert lookup_id.calls == ["deleted-key-id"]
+
+
+def test_jwt_scopes_the_service_does_not_know_are_dropped() -> None:
+    token = tokens().issue("bootstrap:abc", ["classify", "no-such-scope"]).token
+    principal = key_id_authenticator(RecordingLookup()).authenticate(f"Bearer {token}")
+    assert principal == Principal("bootstrap:abc", frozenset({"classify"}), "jwt", BOOTSTRAP_LIMIT)
 
 
 def test_jwt_of_a_bootstrap_subject_is_not_looked_up() -> None:

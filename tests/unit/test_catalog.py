@@ -182,7 +182,7 @@ def test_safetensors_header_not_an_object_is_an_error(tmp_path: Path) -> None:
 def test_plain_pt_state_dict_is_not_stable_diffusion(tmp_path: Path) -> None:
     path = tmp_path / "weights.pt"
     torch.save({"a": torch.ones(2)}, path)
-    recognition = recognise(path)
+    recognition = recognise(path, allow_pickle=True)
     assert recognition.kind is None
     assert recognition.error is not None and "not a Stable Diffusion checkpoint" in recognition.error
 
@@ -191,13 +191,13 @@ def test_plain_pt_state_dict_is_not_stable_diffusion(tmp_path: Path) -> None:
 def test_checkpoint_with_state_dict_is_text_to_image(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"sd{suffix}"
     torch.save({"state_dict": {"model.diffusion_model.w": torch.ones(1)}, "global_step": 3}, path)
-    assert recognise(path) == Recognition(kind=T2I)
+    assert recognise(path, allow_pickle=True) == Recognition(kind=T2I)
 
 
 def test_checkpoint_that_is_not_a_dict_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "tensor.pt"
     torch.save(torch.ones(3), path)
-    recognition = recognise(path)
+    recognition = recognise(path, allow_pickle=True)
     assert recognition.error is not None and "state dict" in recognition.error
 
 
@@ -205,10 +205,10 @@ def test_malicious_pickle_is_reported_and_never_executed(tmp_path: Path) -> None
     marker = tmp_path / "pwned"
     path = make_malicious_pickle(tmp_path / "evil.ckpt", marker)
 
-    recognition = recognise(path)
+    recognition = recognise(path, allow_pickle=True)
     assert recognition.kind is None
     assert recognition.error is not None and "weights_only" in recognition.error
-    catalog = ModelCatalog([tmp_path])
+    catalog = ModelCatalog([tmp_path], allow_pickle=True)
     [info] = catalog.scan()
     assert info.status == "error" and info.error is not None and "weights_only" in info.error
     assert not marker.exists()
@@ -225,8 +225,48 @@ def test_malicious_pickle_is_reported_and_never_executed(tmp_path: Path) -> None
 def test_corrupt_pickle_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"this is neither a zip archive nor a pickle")
-    recognition = recognise(path)
+    recognition = recognise(path, allow_pickle=True)
     assert recognition.kind is None and recognition.error is not None
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pth", ".pt", ".bin"])
+def test_pickle_checkpoints_are_refused_without_the_opt_in_and_never_opened(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / f"sd{suffix}"
+    torch.save({"state_dict": {"model.diffusion_model.w": torch.ones(1)}}, path)
+    opened: list[object] = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: opened.append(args))
+
+    [info] = ModelCatalog([tmp_path]).scan()
+
+    assert (info.kind, info.status) == (None, "error")
+    assert info.error is not None and "ALLOW_PICKLE_MODELS" in info.error
+    assert opened == []  # refused before any unpickling, weights_only or not
+
+
+def test_a_model_dir_with_only_pickle_weights_is_refused_and_one_with_safetensors_is_not(
+    tmp_path: Path,
+) -> None:
+    only_pickle = make_classifier_dir(tmp_path / "only-pickle")
+    (only_pickle / "model.safetensors").unlink()
+    torch.save({"w": torch.ones(1)}, only_pickle / "pytorch_model.bin")
+    both = make_classifier_dir(tmp_path / "both")
+    torch.save({"w": torch.ones(1)}, both / "pytorch_model.bin")  # ignored: use_safetensors=True
+
+    models = {m.name: m for m in ModelCatalog([tmp_path]).scan()}
+    assert models["only-pickle"].status == "error"
+    assert "ALLOW_PICKLE_MODELS" in str(models["only-pickle"].error)
+    assert (models["both"].kind, models["both"].status) == (CLS, "available")
+    allowed = {m.name: m for m in ModelCatalog([tmp_path], allow_pickle=True).scan()}
+    assert allowed["only-pickle"].status == "available"
+
+
+def test_allow_pickle_models_comes_from_the_environment() -> None:
+    from lib.settings import AppSettings
+
+    assert AppSettings.from_args({}, env={}).allow_pickle_models is False
+    assert AppSettings.from_args({}, env={"ALLOW_PICKLE_MODELS": "1"}).allow_pickle_models is True
 
 
 def test_unsupported_file_type_is_an_error(tmp_path: Path) -> None:
@@ -267,6 +307,31 @@ def test_scan_lists_each_kind_with_its_metadata(tmp_path: Path) -> None:
     vae = models["vae.safetensors"]
     assert (vae.kind, vae.status) == (None, "error")
     assert vae.error is not None and "Stable Diffusion" in vae.error
+
+
+def test_links_out_of_model_dirs_are_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "passwd"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    make_sd_safetensors(outside / "elsewhere.safetensors")
+    make_classifier_dir(outside / "linked-classifier")
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "passwd.bin").symlink_to(secret)
+    (root / "elsewhere.safetensors").symlink_to(outside / "elsewhere.safetensors")
+    (root / "linked-dir").symlink_to(outside)
+    (root / "classifier").symlink_to(outside / "linked-classifier")
+    leaky = make_classifier_dir(root / "leaky")
+    (leaky / "extra.safetensors").symlink_to(secret)
+    # Links that stay inside the MODEL_DIRS entry (a Hugging Face cache's snapshots) are fine.
+    blob = make_sd_safetensors(root / "blobs" / "abc123.bin.safetensors")
+    (root / "snapshot.safetensors").symlink_to(blob)
+
+    entries = ModelCatalog([root], allow_pickle=True).scan()
+
+    assert sorted(m.name for m in entries) == ["abc123.bin.safetensors"]
+    assert not any(hashlib.sha256(secret.read_bytes()).hexdigest() == m.id for m in entries)
 
 
 def test_model_dirs_are_not_descended_into(tmp_path: Path) -> None:

@@ -165,6 +165,15 @@ def test_proxy_mode_reads_the_id_and_leaves_the_header_to_the_proxy(
         assert error_of(response, 404, "not_found")["request_id"] == "proxy-chosen-id"
 
 
+@pytest.mark.parametrize("supplied", ["X" * 129, "has space", "<script>alert(1)</script>", "a\tb", "id;drop"])
+def test_proxy_mode_never_puts_a_weird_client_id_in_the_body(proxy_client: TestClient, supplied: str) -> None:
+    # Serve's proxy passes a client's X-Request-ID through as sent.
+    response = proxy_client.get("/raise/NotFoundError", headers={REQUEST_ID_HEADER: supplied})
+    request_id = error_of(response, 404, "not_found")["request_id"]
+    assert request_id != supplied and supplied not in response.text
+    assert len(request_id) >= 16
+
+
 def test_proxy_mode_without_an_id_still_fills_the_body(proxy_client: TestClient) -> None:
     response = proxy_client.get("/raise/NotFoundError")
     assert REQUEST_ID_HEADER not in response.headers

@@ -11,6 +11,7 @@ import pytest
 from lib.accounts.key_cache import KeyCache
 from lib.accounts.records import KeyRecord, generate_api_key, hash_api_key
 from lib.accounts.store import AccountStore
+from lib.errors import ServiceUnavailableError
 
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 
@@ -72,7 +73,7 @@ def test_hits_within_the_ttl_do_not_query_and_only_the_hash_is_passed() -> None:
     for _ in range(100):
         assert cache.get(key) is not None
     assert lookup.calls == [hash_api_key(key)]
-    assert all(key not in cached for cached in cache._cache._entries)
+    assert all(key not in cached for cached in [*cache._known, *cache._unknown])
     ticker.now += 5.0
     cache.get(key)
     assert len(lookup.calls) == 2
@@ -126,3 +127,55 @@ def test_cache_is_bounded_and_can_be_invalidated() -> None:
     assert len(lookup.calls) == 5
     cache.clear()
     assert len(cache) == 0
+
+
+# -- failed-auth traffic (issue: a lookup per random key, and valid keys evicted) -----------------
+
+
+def test_random_keys_neither_query_per_key_nor_evict_valid_keys() -> None:
+    valid = generate_api_key()
+    lookup = CountingLookup({hash_api_key(valid): record()})
+    ticker = Ticker()
+    cache = KeyCache(
+        lookup, ttl_s=5.0, max_entries=50, unknown_lookups_per_s=10, unknown_burst=20, clock=ticker
+    )
+    assert cache.get(valid) is not None
+
+    refused = 0
+    for _ in range(5000):  # an attacker's well-shaped random keys, all within one second
+        try:
+            assert cache.get(generate_api_key()) is None
+        except ServiceUnavailableError:
+            refused += 1
+    assert len(lookup.calls) == 20  # the valid key and the rest of the burst: not one query per key
+    assert refused == 5000 - 19
+    assert cache.get(valid) is not None  # still cached: the flood evicted nothing
+    assert len(lookup.calls) == 20
+
+
+def test_a_key_seen_valid_is_refreshed_even_when_the_budget_is_spent() -> None:
+    valid = generate_api_key()
+    lookup = CountingLookup({hash_api_key(valid): record()})
+    ticker = Ticker()
+    cache = KeyCache(lookup, ttl_s=5.0, unknown_lookups_per_s=1, unknown_burst=1, clock=ticker)
+    assert cache.get(valid) is not None  # takes the one token
+    ticker.now += 0.5
+    with pytest.raises(ServiceUnavailableError):
+        cache.get(generate_api_key())
+    ticker.now += 5.0  # the positive entry is stale; the budget has one token again, spend it
+    assert cache.get(generate_api_key()) is None
+    assert cache.get(valid) is not None  # a refresh: not held back by the spent budget
+    assert lookup.calls.count(hash_api_key(valid)) == 2
+
+
+def test_the_budget_refills_over_time() -> None:
+    lookup = CountingLookup({})
+    ticker = Ticker()
+    cache = KeyCache(lookup, unknown_lookups_per_s=2, unknown_burst=2, clock=ticker)
+    for _ in range(2):
+        assert cache.get(generate_api_key()) is None
+    with pytest.raises(ServiceUnavailableError):
+        cache.get(generate_api_key())
+    ticker.now += 1.0
+    assert cache.get(generate_api_key()) is None
+    assert len(lookup.calls) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -149,3 +150,28 @@ def test_usage_summary_and_cleanup(
     code, out, _ = run(capsys, "usage", "--database-url", db_url, "cleanup", "--older-than", "90d")
     assert code == 0 and "Deleted 1 usage records" in out
     assert store.usage_summary().total_requests == 2
+
+
+def test_the_database_file_is_private(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    old_umask = os.umask(0o022)  # the usual umask: SQLite alone would make the file 0644
+    db = tmp_path / "state" / "sealserve.db"
+    try:
+        create(capsys, f"sqlite:///{db}")
+    finally:
+        os.umask(old_umask)
+    files = [p for p in db.parent.iterdir() if p.name.startswith("sealserve.db")]
+    assert db in files
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o600" for p in files}
+    assert db.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_an_existing_readable_database_file_is_made_private(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db = tmp_path / "old.db"
+    create(capsys, f"sqlite:///{db}")
+    db.chmod(0o644)
+    create(capsys, f"sqlite:///{db}")
+    assert db.stat().st_mode & 0o777 == 0o600

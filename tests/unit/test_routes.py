@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from deployments.ingress import create_api
 from deployments.model_clients import ModelClients
@@ -117,12 +118,34 @@ def test_info_and_health_need_no_credentials(ingress: Ingress) -> None:
         assert "X-RateLimit-Limit" not in health.headers
 
 
+def test_health_shows_internals_only_to_an_admin(ingress: Ingress) -> None:
+    ingress.loader.errors = {
+        "sealed-a": "AuthenticationError: resource API at http://resources.internal:9000 rejected "
+        "reader@corp.example"
+    }
+    anonymous = ingress.client.get("/health")
+    assert anonymous.status_code == 200
+    assert set(anonymous.json()) == {"status", "ready", "version"}
+    assert anonymous.json()["status"] == "degraded"
+    assert "internal" not in anonymous.text and "corp.example" not in anonymous.text
+
+    admin = ingress.client.get("/health", headers=bearer())
+    assert admin.status_code == 200
+    assert any("resources.internal" in e for e in admin.json()["errors"])
+    assert {d["deployment"] for d in admin.json()["deployments"]} == {"TextToImage", "ImageClassifier"}
+
+    infer_only = create_key(ingress, ["infer"])["key"]
+    error_of(ingress.client.get("/health", headers=bearer(infer_only)), 403, "forbidden")
+    error_of(ingress.client.get("/health", headers=bearer("ss_not_a_key_0123456789")), 401, "unauthorized")
+
+
 def test_models_need_a_credential_and_answer_with_rate_headers(ingress: Ingress) -> None:
     error = error_of(ingress.client.get("/v1/models"), 401, "unauthorized")
     assert error["message"] and "X-RateLimit-Limit" not in ingress.client.get("/v1/models").headers
     listed = ingress.client.get("/v1/models", headers=bearer())
     assert listed.status_code == 200
     assert listed.json()["count"] == 2 and listed.json()["models"][0]["id"] == MODEL
+
     assert all(name in listed.headers for name in RATE_HEADERS)
     assert listed.headers["X-RateLimit-Limit"] == "100"
     one = ingress.client.get(f"/v1/models/{MODEL}", headers=bearer())
@@ -131,6 +154,16 @@ def test_models_need_a_credential_and_answer_with_rate_headers(ingress: Ingress)
     assert ingress.usage(bootstrap_subject(ADMIN_KEY)) == [
         ("GET /v1/models", 1), ("GET /v1/models/{model_id}", 2),
     ]
+
+
+def test_models_show_no_paths_of_the_node(ingress: Ingress) -> None:
+    ingress.loader.catalog[0] = ingress.loader.catalog[0].model_copy(
+        update={"path": "/srv/models/secret-name"}
+    )
+    listed = ingress.client.get("/v1/models", headers=bearer()).json()
+    one = ingress.client.get(f"/v1/models/{MODEL}", headers=bearer()).json()
+    assert [m["path"] for m in listed["models"]] == [None, None] and one["path"] is None
+    assert "/srv/models" not in str(listed) + str(one)
 
 
 def test_infer_answers_under_both_paths(ingress: Ingress) -> None:
@@ -205,6 +238,34 @@ def test_token_exchange_is_not_cached_and_a_token_cannot_renew_itself(ingress: I
     token = issued.json()["access_token"]
     assert ingress.client.get("/v1/models", headers=bearer(token)).status_code == 200
     error_of(ingress.client.post("/v1/auth/token", headers=bearer(token)), 403, "forbidden")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "body"),
+    [
+        ("get", "/v1/usage", {"since": "999999w"}, None),
+        ("get", "/v1/admin/usage", {"since": "999999w"}, None),
+        ("get", "/v1/admin/usage/summary", {"since": "999999w"}, None),
+        ("get", "/v1/admin/usage", {"since": "9999-12-31T23:00:00-05:00"}, None),
+        ("get", "/v1/usage", {"since": "0001-01-01T00:00:00+05:00"}, None),
+        ("post", "/v1/admin/keys", None, {"name": "n", "scopes": ["infer"], "expires_in": "999999w"}),
+        ("post", "/v1/admin/keys", None, {"name": "n", "scopes": ["infer"], "expires_in": "5300000d"}),
+    ],
+)
+def test_out_of_range_times_are_a_422_not_a_500(
+    ingress: Ingress, method: str, path: str, params: dict[str, str] | None, body: dict[str, Any] | None
+) -> None:
+    response = ingress.client.request(method.upper(), path, params=params, json=body, headers=bearer())
+    error_of(response, 422, "validation_error")
+
+
+def test_a_token_whose_key_row_is_gone_is_refused(ingress: Ingress) -> None:
+    key = create_key(ingress, ["infer", "admin"])
+    token = ingress.client.post("/v1/auth/token", headers=bearer(key["key"])).json()["access_token"]
+    with ingress.accounts.store._engine.begin() as connection:  # the row is deleted out of band
+        connection.execute(text("DELETE FROM api_keys WHERE id = :id"), {"id": key["id"]})
+    error_of(ingress.client.get("/v1/admin/keys", headers=bearer(token)), 401, "unauthorized")
+    error_of(ingress.client.get("/v1/models", headers=bearer(token)), 401, "unauthorized")
 
 
 def test_admin_routes_need_the_admin_scope(ingress: Ingress) -> None:

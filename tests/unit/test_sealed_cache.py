@@ -33,10 +33,11 @@ from lib.errors import (
 from lib.sealed.fetch import SealedFetcher, SealedRef
 from lib.sealed.format import generate_key, seal_stream, split_point
 from lib.sealed.keywrap import NodeKeyPair, wrap_for_node
-from lib.sealed.node_cache import SealedModelCache, describe, process_cache_dir
+from lib.sealed.node_cache import MARKER, SealedModelCache, describe, process_cache_dir
 from lib.sealed.resource_client import FetchedResource
 from lib.sealed.transfer import TransferError
 from lib.sealed.wire import CdnConfig, ResourceManifest
+from tests.hostile_archives import symlink_chain_escape
 
 FOLDER = "models"
 FINGERPRINT = "0" * 64
@@ -539,6 +540,10 @@ HOSTILE_TARS: dict[str, Callable[[Path], bytes]] = {
         "hard", tarfile.LNKTYPE, linkname="../../outside/target"
     ),
     "character device": lambda outside: tar_member("dev", tarfile.CHRTYPE),
+    "fifo": lambda outside: tar_member("fifo", tarfile.FIFOTYPE),
+    "absolute name": lambda outside: tar_member(str(outside / "abs.txt"), data=b"pwned"),
+    # CVE-2025-4517: Python 3.11.7's "data" filter lets this one write outside/pwned.
+    "symlink chain past PATH_MAX": symlink_chain_escape,
     "not a tar at all": lambda outside: payload(3000),
 }
 
@@ -582,21 +587,6 @@ def test_a_symlink_then_a_file_through_it_cannot_escape(
 
     assert all_names(root) == []
     assert all_names(outside) == []
-
-
-def test_an_absolute_member_path_stays_inside_the_model_directory(
-    store: FakeStore, fetcher: SealedFetcher, root: Path, tmp_path: Path
-) -> None:
-    # tarfile's "data" filter strips the leading "/" (as GNU tar does) rather than refusing the
-    # member; what matters is that nothing lands at the absolute path itself.
-    target = tmp_path / "outside" / "abs.txt"
-    store.publish("abs", tar_member(str(target), data=b"data"), is_directory=True)
-
-    outcome = fetcher.fetch(ref("abs"), root)
-
-    assert not target.exists()
-    assert (outcome.path / str(target).lstrip("/")).read_bytes() == b"data"
-    assert all_names(root) == [outcome.path.name]
 
 
 @settings(deadline=None, max_examples=25)
@@ -883,65 +873,93 @@ def test_two_aliases_of_one_directory_model_can_both_be_ensured(
 DEAD_PID = 2**31 - 1  # above any Linux pid_max (at most 2**22), yet a valid pid_t
 
 
-def test_process_cache_dir_is_named_by_owner_and_pid_under_a_private_base(tmp_path: Path) -> None:
+def marked(path: Path, pid: int) -> Path:
+    """A cache directory as a loader of ``pid`` leaves it."""
+    (path / "sub").mkdir(parents=True)
+    (path / "sub" / "weights.bin").write_bytes(b"plaintext of a loader")
+    (path / MARKER).write_text(f"sealserve node cache of pid {pid}\n")
+    return path
+
+
+def test_process_cache_dir_is_a_fresh_private_dir_under_a_private_base(tmp_path: Path) -> None:
     base = tmp_path / "shm" / "sealserve"
     path = process_cache_dir(base, "loader")
-    assert path == base / f"loader-{os.getpid()}"
-    assert base.is_dir()
+    again = process_cache_dir(base, "loader")
+    assert path.parent == base and path.name.startswith(f"loader-{os.getpid()}-")
+    assert again != path and again.is_dir()
     assert base.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o700
 
 
-def test_process_cache_dir_makes_an_existing_base_private(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o755, 0o770, 0o701])
+def test_process_cache_dir_refuses_a_base_open_to_others(tmp_path: Path, mode: int) -> None:
     base = tmp_path / "sealserve"
-    base.mkdir(mode=0o755)
-    base.chmod(0o755)
-    process_cache_dir(base, "loader")
-    assert base.stat().st_mode & 0o777 == 0o700
+    base.mkdir()
+    base.chmod(mode)
+    stale = marked(base / f"loader-{DEAD_PID}", DEAD_PID)
+    with pytest.raises(ConfigurationError, match="open to group or others"):
+        process_cache_dir(base, "loader")
+    # Refused, not repaired: no chmod, no sweep.
+    assert base.stat().st_mode & 0o777 == mode
+    assert stale.exists()
 
 
-def test_process_cache_dir_removes_the_dirs_of_dead_loaders_only(tmp_path: Path) -> None:
+def test_process_cache_dir_refuses_a_symlinked_base(tmp_path: Path) -> None:
+    # A local user plants /dev/shm/sealserve -> a directory of the service user on a persistent disk.
+    target = tmp_path / "home" / "data"
+    target.mkdir(parents=True, mode=0o755)
+    target.chmod(0o755)
+    (target / f"backup-{DEAD_PID}").mkdir()
+    victim = marked(target / f"loader-{DEAD_PID}", DEAD_PID)
+    base = tmp_path / "shm" / "sealserve"
+    base.parent.mkdir()
+    base.symlink_to(target)
+
+    with pytest.raises(ConfigurationError, match="symbolic link"):
+        process_cache_dir(base, "loader")
+
+    assert target.stat().st_mode & 0o777 == 0o755
+    assert victim.exists() and (target / f"backup-{DEAD_PID}").exists()
+    assert sorted(p.name for p in target.iterdir()) == [f"backup-{DEAD_PID}", f"loader-{DEAD_PID}"]
+
+
+def test_process_cache_dir_refuses_a_base_that_is_a_file(tmp_path: Path) -> None:
+    base = tmp_path / "sealserve"
+    base.write_bytes(b"")
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        process_cache_dir(base, "loader")
+
+
+def test_process_cache_dir_sweeps_only_marked_dirs_of_dead_processes(tmp_path: Path) -> None:
     base = tmp_path / "sealserve"
     base.mkdir(mode=0o700)
-    dead = [base / f"loader-{DEAD_PID}", base / f"other-app-{DEAD_PID}"]  # any owner: all ours
-    for path in dead:
-        (path / "sub").mkdir(parents=True)
-        (path / "sub" / "weights.bin").write_bytes(b"plaintext of a killed loader")
+    dead = [marked(base / f"loader-{DEAD_PID}-abc", DEAD_PID), marked(base / "other-app-x", DEAD_PID)]
     keep = [
-        base / f"loader-{os.getppid()}",  # a live process of the same owner
-        base / f"other-{os.getpid()}",  # another owner, alive
-        base / "loader-notapid",
+        marked(base / "loader-live", os.getppid()),  # a live process
+        marked(base / "mine", os.getpid()),
+        base / f"backup-{DEAD_PID}",  # looks like a dead loader's, but carries no marker
     ]
-    for path in keep:
-        path.mkdir()
-        (path / "f").write_bytes(b"x")
-    stray_file = base / f"note-{DEAD_PID}"  # not a cache directory
+    keep[-1].mkdir()
+    forged = base / "forged"  # a marker that is a link is not ours
+    forged.mkdir()
+    (forged / MARKER).symlink_to(base / "mine" / MARKER)
+    stray_file = base / f"note-{DEAD_PID}"
     stray_file.write_bytes(b"x")
 
     mine = process_cache_dir(base, "loader")
 
     assert not any(path.exists() for path in dead)
-    assert all((path / "f").exists() for path in keep)
-    assert stray_file.exists()
-    assert mine == base / f"loader-{os.getpid()}"
-
-
-def test_process_cache_dir_keeps_the_current_process_dir(tmp_path: Path) -> None:
-    base = tmp_path / "sealserve"
-    current = base / f"loader-{os.getpid()}"
-    current.mkdir(parents=True)
-    (current / "f").write_bytes(b"x")
-    assert process_cache_dir(base, "loader") == current
-    assert (current / "f").exists()
+    assert all(path.exists() for path in keep)
+    assert forged.exists() and stray_file.exists()
+    assert (mine / MARKER).read_text() == f"sealserve node cache of pid {os.getpid()}\n"
 
 
 def test_process_cache_dir_refuses_a_base_owned_by_another_user(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = tmp_path / "sealserve"
-    base.mkdir(mode=0o755)
-    base.chmod(0o755)
-    stale = base / f"loader-{DEAD_PID}"
-    stale.mkdir()
+    base.mkdir(mode=0o700)
+    stale = marked(base / f"loader-{DEAD_PID}", DEAD_PID)
     real_uid = os.getuid()
     monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)
 
@@ -949,16 +967,15 @@ def test_process_cache_dir_refuses_a_base_owned_by_another_user(
         process_cache_dir(base, "loader")
 
     monkeypatch.undo()
-    # Refused before touching anything: no chmod, no cleanup in someone else's directory.
-    assert base.stat().st_mode & 0o777 == 0o755
     assert stale.exists()
 
 
-def test_process_cache_dir_survives_a_sibling_with_a_huge_number(tmp_path: Path) -> None:
+def test_process_cache_dir_survives_a_marker_with_a_huge_number(tmp_path: Path) -> None:
     base = tmp_path / "sealserve"
-    (base / "loader-99999999999").mkdir(parents=True)
+    base.mkdir(mode=0o700)
+    marked(base / "loader-x", 99999999999)
     process_cache_dir(base, "loader")
-    assert not (base / "loader-99999999999").exists()
+    assert not (base / "loader-x").exists()
 
 
 # Keep the fakes importable for tests/unit/test_sealed_catalog.py.

@@ -25,6 +25,7 @@ from lib.errors import (
 from lib.sealed import cdn as sealed_cdn
 from lib.sealed.catalog import LISTING, SealedCatalog, resource_client_from_env
 from lib.sealed.keywrap import b64encode
+from lib.sealed.node_cache import MARKER
 from lib.sealed.resource_client import ResourceClient
 from lib.sealed.settings import SealedSettings
 from lib.sealed.signing import SigningKey, cdn_message, dek_commitment, sign_manifest
@@ -265,7 +266,7 @@ def test_every_fetch_failure_is_a_503_naming_its_cause_and_shows_in_the_entry(
     assert entry.error is not None and entry.error.startswith(f"{cause}: ")
     assert catalog.errors()["classifier.safetensors"] == entry.error
     assert by_name(catalog)["tiny-sd"].status == "sealed"  # the others are unaffected
-    assert list(catalog.cache.root.iterdir()) == []
+    assert [p.name for p in catalog.cache.root.iterdir()] == [MARKER]  # no plaintext, no temp file
 
 
 def test_a_failed_model_recovers_on_the_next_ensure(catalog: SealedCatalog, store: FakeStore) -> None:
@@ -415,7 +416,7 @@ def test_close_removes_the_process_cache_dir(
     catalog.refresh()
     info = catalog.ensure(model_id(store, "classifier.safetensors"))
     root = catalog.cache.root
-    assert root == tmp_path / "shm" / f"{OWNER}-{os.getpid()}"
+    assert root.parent == tmp_path / "shm" and root.name.startswith(f"{OWNER}-{os.getpid()}-")
     assert info.path is not None and Path(info.path).exists()
 
     catalog.close()
@@ -435,6 +436,22 @@ def test_catalog_refuses_a_cache_base_owned_by_another_user(
             make_settings(tmp_path, ["classifier.safetensors"]),
             owner=OWNER, resources=store, fingerprint=FINGERPRINT,
         )
+
+
+def test_catalog_refuses_a_symlinked_cache_base(tmp_path: Path, store: FakeStore) -> None:
+    # A local user plants the cache base as a link to a directory of the service user on disk:
+    # the node must neither chmod it, nor sweep it, nor put plaintext there.
+    target = tmp_path / "persistent"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    (tmp_path / "shm").symlink_to(target)
+    with pytest.raises(ConfigurationError, match="symbolic link"):
+        SealedCatalog(
+            make_settings(tmp_path, ["classifier.safetensors"]),
+            owner=OWNER, resources=store, fingerprint=FINGERPRINT,
+        )
+    assert target.stat().st_mode & 0o777 == 0o755
+    assert list(target.iterdir()) == []
 
 
 def test_ensure_error_message_carries_no_key_material(catalog: SealedCatalog, store: FakeStore) -> None:

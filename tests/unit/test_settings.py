@@ -21,7 +21,9 @@ from lib.settings import (
     Secrets,
 )
 
-GOOD_SECRET = "k" * 40
+KEY_A = "ss_Nf3kW8pQ2xV7mZ1cR5tY9bH4jL6dG0sA_eUi"
+KEY_B = "ss_Tq6yE1oP8wK3nM5vB7cX9zJ2hF4gD0aS-rLu"
+GOOD_SECRET = "Zq3v-7pLk2_Xw9rTb4nYc8sHd1fMj6gU0aEo5iRt"
 
 # field -> (value given as app arg, env var text, value the env var text parses to)
 PRECEDENCE_CASES: dict[str, tuple[Any, str, Any]] = {
@@ -34,6 +36,7 @@ PRECEDENCE_CASES: dict[str, tuple[Any, str, Any]] = {
     "cors_origins": (["https://args.example"], "https://env.example", ["https://env.example"]),
     "request_timeout_s": (11.0, "99.5", 99.5),
     "generation_threads": (3, "2", 2),
+    "allow_pickle_models": (False, "1", True),
 }
 
 
@@ -193,7 +196,7 @@ def development(tmp_path: Path) -> AppSettings:
 )
 def test_production_refuses_bad_secret(tmp_path: Path, env: dict[str, str]) -> None:
     with pytest.raises(ConfigurationError) as caught:
-        Secrets.from_env(production(tmp_path), env={**env, "API_KEYS": "a" * 40})
+        Secrets.from_env(production(tmp_path), env={**env, "API_KEYS": KEY_A})
     assert "SECRET_KEY" in caught.value.message
     if env.get("SECRET_KEY"):
         assert env["SECRET_KEY"].strip() not in caught.value.message
@@ -201,14 +204,32 @@ def test_production_refuses_bad_secret(tmp_path: Path, env: dict[str, str]) -> N
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SECRET_KEY": "a" * 32, "API_KEYS": KEY_A},
+        {"SECRET_KEY": "ab" * 20, "API_KEYS": KEY_A},
+        {"SECRET_KEY": "0123456789abcdef" * 2, "API_KEYS": KEY_A},
+        {"SECRET_KEY": GOOD_SECRET, "API_KEYS": "b" * 32},
+        {"SECRET_KEY": GOOD_SECRET, "API_KEYS": f"{KEY_A},{'xyz' * 12}"},
+    ],
+    ids=["a*32", "ab*20", "hex-pattern", "api-key-b*32", "patterned-second-key"],
+)
+def test_production_refuses_secrets_that_are_plainly_not_random(tmp_path: Path, env: dict[str, str]) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Secrets.from_env(production(tmp_path), env=env)
+    assert ("SECRET_KEY" if "API_KEYS" not in caught.value.message else "API_KEYS") in caught.value.message
+    assert env["SECRET_KEY"] not in caught.value.message
+
+
 def test_production_accepts_32_utf8_bytes(tmp_path: Path) -> None:
-    secret = "é" * 16  # 16 characters, 32 bytes
+    secret = "éàüöZq3v7pLk2Xw9rTb4nYc8sHd1"  # 28 characters, 32 bytes
     secrets = Secrets.from_env(production(tmp_path), env={"SECRET_KEY": secret})
     assert secrets.secret_key.get_secret_value() == secret
 
 
 def test_production_with_good_key_and_api_keys(tmp_path: Path) -> None:
-    key_a, key_b = "a" * 40, "b" * 40
+    key_a, key_b = KEY_A, KEY_B
     secrets = Secrets.from_env(
         production(tmp_path), env={"SECRET_KEY": GOOD_SECRET, "API_KEYS": f" {key_a} ,{key_b},"}
     )
