@@ -1,4 +1,4 @@
-"""``python -m deployments.local_serve CONFIG [--dashboard]``: Ray Serve's ``serve run`` on a lean local Ray.
+"""``python -m deployments.local_serve CONFIG [--dashboard] [--metrics-port N]``: a lean ``serve run``.
 
 ``sealserve serve`` runs this instead of the ``serve run`` command so that the local Ray it starts
 leaves out the dashboard unless asked for: the dashboard's head and its module processes hold
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.local_serve", description=__doc__)
     parser.add_argument("config", help="a Serve config file, as for serve run / serve deploy")
     parser.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus port of the metrics agent"
+    )
     args = parser.parse_args(argv)
     # serve run stops Serve on KeyboardInterrupt; a shell that started us in the background left
     # SIGINT ignored, and SIGTERM (a process manager's stop) deserves the same graceful path.
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         address=address,
         namespace=SERVE_NAMESPACE,
         include_dashboard=args.dashboard if address == "local" else None,
+        # Ray's metrics agent runs on every node, dashboard or not; a fixed port makes it
+        # scrapeable (Ray's own option; a cluster's nodes take --metrics-export-port).
+        _metrics_export_port=args.metrics_port if address == "local" else None,
     )
     try:
         cli.main(["run", args.config], prog_name="serve", standalone_mode=False)

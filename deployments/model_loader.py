@@ -30,6 +30,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from deployments.observability import install as install_observability
 from deployments.ray_errors import unwrap
 from lib.models.catalog import ModelCatalog, find_model, resolve_model
 from lib.schemas import ModelInfo
@@ -48,6 +49,7 @@ class ModelLoader:
     """Per-node owner of the model catalog; hands replicas verified local model paths."""
 
     def __init__(self, settings: AppSettings, app_name: str) -> None:
+        install_observability(settings)
         self._settings = settings
         self._catalog = ModelCatalog(settings.model_dirs)
         self._sealed: SealedCatalog | None = None

@@ -19,6 +19,7 @@ from ray import serve
 from deployments.model_replica import ModelReplica
 from lib.models.catalog import require_kind
 from lib.models.text_to_image import generate, load_pipeline, resolve_params
+from lib.observability import metrics
 from lib.schemas import InferRequest, InferResponse, ModelInfo
 from lib.settings import AppSettings
 
@@ -46,6 +47,7 @@ class TextToImage(ModelReplica):
         torch.set_num_threads(threads)
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    @metrics.track_model_ready("TextToImage")
     async def get_model(self, model_id: str) -> LoadedPipeline:
         info = require_kind(await self._loader.ensure(model_id), "text-to-image")
         assert info.path is not None
@@ -54,6 +56,7 @@ class TextToImage(ModelReplica):
         self._loaded[model_id] = loaded
         return loaded
 
+    @metrics.track_generation
     async def generate(self, request: InferRequest) -> InferResponse:
         model = await self.get_model(request.model_id)
         params = resolve_params(

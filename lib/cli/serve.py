@@ -44,6 +44,13 @@ QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STAT
 # it, 129 req/s with it behind Serve's Python proxy, 188 req/s with HAProxy in front.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 HAPROXY = "haproxy"
+# Ray's metrics agent exports every metric of the node (sealserve's, Serve's, Ray's) here, in
+# Prometheus format. The agent runs without the dashboard too, so this costs no extra process.
+METRICS_PORT_ENV = "METRICS_PORT"
+DEFAULT_METRICS_PORT = 8080
+# LOG_FORMAT=json: one JSON object per line (Serve's logging_config encoding), in LOGS_DIR.
+LOG_FORMAT_ENV = "LOG_FORMAT"
+LOGS_DIR = "logs"
 
 
 def free_port() -> int:
@@ -108,7 +115,36 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="also start Ray's dashboard (off by default: it holds ~1.2 GiB on a small machine)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help=f"Prometheus metrics port of the local Ray (default: ${METRICS_PORT_ENV}, else "
+        f"{DEFAULT_METRICS_PORT})",
+    )
     parser.set_defaults(func=run_serve)
+
+
+def metrics_port(arg: int | None, environ: Mapping[str, str]) -> int:
+    port = arg or int(environ.get(METRICS_PORT_ENV) or DEFAULT_METRICS_PORT)
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"{METRICS_PORT_ENV} must be a TCP port, not {port}")
+    return port
+
+
+def apply_log_format(config: dict[str, Any], environ: Mapping[str, str], logs_dir: Path) -> bool:
+    """``LOG_FORMAT=json``: every application logs JSON lines (its ``logging_config``) into
+    ``logs_dir`` unless the config names another directory. True when JSON was chosen."""
+    log_format = (environ.get(LOG_FORMAT_ENV) or "text").strip().lower()
+    if log_format not in ("text", "json"):
+        raise ConfigurationError(f"{LOG_FORMAT_ENV} must be 'text' or 'json', not {log_format[:20]!r}")
+    if log_format == "text":
+        return False
+    for app in config.get("applications", []):
+        logging_config = {**(app.get("logging_config") or {}), "encoding": "JSON"}
+        logging_config.setdefault("logs_dir", str(logs_dir.absolute()))
+        app["logging_config"] = logging_config
+    return True
 
 
 def prepare_config(
@@ -137,6 +173,8 @@ def run_serve(args: argparse.Namespace) -> int:
     port = args.port or (int(os.environ["PORT"]) if os.environ.get("PORT") else None)
     config, settings = prepare_config(config, args.host, port)
     preflight(settings)  # refuses bad secrets and missing credentials; creates the dev key in development
+    metrics = metrics_port(args.metrics_port, os.environ)
+    json_logs = apply_log_format(config, os.environ, settings.state_path / LOGS_DIR)
     run_config = settings.state_path / "serve_config.run.yaml"
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -147,9 +185,18 @@ def run_serve(args: argparse.Namespace) -> int:
     haproxy = shutil.which(HAPROXY)
     private = haproxy_dir() if haproxy else None
     env = serve_env(os.environ, haproxy, private)
+    if json_logs:
+        # Replica output goes to the JSON files only (Serve's switch), each line as it is logged:
+        # Serve's throughput mode otherwise holds up to 1000 lines in memory per replica.
+        env.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+        env.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
     front = "HAProxy" if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's HTTP proxy"
     print(f"starting Ray Serve with {args.config} on {url} ({front} in front) ...", flush=True)
-    command = [sys.executable, "-m", LOCAL_SERVE, str(run_config)]
+    metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+    print(f"metrics (Prometheus) will be at {metrics_url}", flush=True)
+    if json_logs:
+        print(f"logs: JSON lines in {(settings.state_path / LOGS_DIR).absolute()}", flush=True)
+    command = [sys.executable, "-m", LOCAL_SERVE, str(run_config), "--metrics-port", str(metrics)]
     if args.dashboard:
         command.append("--dashboard")
     # Ctrl-C, and what a process manager sends (SIGTERM), both stop the service gracefully; SIGINT
@@ -157,19 +204,24 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run_until_stopped(command, env, url, settings, args.ready_timeout)
+        return _run_until_stopped(command, env, url, settings, args.ready_timeout, metrics_url)
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
 
 
 def _run_until_stopped(
-    command: list[str], env: dict[str, str], url: str, settings: AppSettings, ready_timeout: float
+    command: list[str],
+    env: dict[str, str],
+    url: str,
+    settings: AppSettings,
+    ready_timeout: float,
+    metrics_url: str,
 ) -> int:
     process = subprocess.Popen(command, env=env)  # noqa: S603
     try:
         if wait_until_ready(url, process, ready_timeout):
-            print(banner(url, settings), flush=True)
+            print(banner(url, settings, metrics_url), flush=True)
         return process.wait()
     except KeyboardInterrupt:
         # serve run shuts Serve and its local Ray down on SIGINT; give it the time to do so.
@@ -199,7 +251,7 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float)
     return False
 
 
-def banner(url: str, settings: AppSettings) -> str:
+def banner(url: str, settings: AppSettings, metrics_url: str | None = None) -> str:
     key_file = settings.state_path / DEV_API_KEY_FILE
     if settings.environment == "development" and key_file.exists():
         key = key_file.read_text().strip()
@@ -218,6 +270,7 @@ def banner(url: str, settings: AppSettings) -> str:
         "",
         f"sealserve is ready at {url}  (OpenAPI docs: {url}/docs)",
         key_line,
+        *([f"metrics (Prometheus scrape URL): {metrics_url}"] if metrics_url else []),
         "",
         f"curl -s {url}/health",
         f"curl -s {auth} {url}/v1/models",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lib.errors import IntegrityError
+from lib.observability import metrics
 from lib.retry import RetryPolicy
 from lib.sealed.archive import unpack_archive
 from lib.sealed.format import HEADER_SIZE, SegmentOpener, parse_header
@@ -234,6 +235,7 @@ class SealedFetcher:
         preallocated: the stream writes into memory that is already there."""
         fetched = self._resources.get(ref.folder, ref.name, self._keypair, self._fingerprint)
         released = time.monotonic()
+        metrics.key_released()
         manifest = fetched.manifest
         if ref.id is not None and manifest.id != ref.id:
             raise IntegrityError(

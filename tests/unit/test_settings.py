@@ -34,6 +34,7 @@ PRECEDENCE_CASES: dict[str, tuple[Any, str, Any]] = {
     "cors_origins": (["https://args.example"], "https://env.example", ["https://env.example"]),
     "request_timeout_s": (11.0, "99.5", 99.5),
     "generation_threads": (3, "2", 2),
+    "metrics_per_key": (True, "0", False),
 }
 
 
