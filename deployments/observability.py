@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,12 +32,30 @@ SERVE_LOGGER = "ray.serve"
 PROJECT_LOGGERS = ("lib", "deployments")
 
 
-class RayBackend:
-    """One ``ray.util.metrics`` object per metric, made on first use in this process."""
+# Ray's agent forgets a gauge series not set again within two export intervals (its TTL), so a
+# value that simply stays (the node cache's size) is set again this often.
+GAUGE_REFRESH_S = 5.0
 
-    def __init__(self) -> None:
+
+class RayBackend:
+    """One ``ray.util.metrics`` object per metric, made on first use in this process; gauges are
+    set again every ``GAUGE_REFRESH_S`` by a daemon thread, started with the first gauge."""
+
+    def __init__(self, refresh_s: float = GAUGE_REFRESH_S) -> None:
         self._made: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[MetricSpec, float]] = {}
+        self._refresh_s = refresh_s
+        self._refresher: threading.Thread | None = None
+
+    def _refresh_forever(self) -> None:
+        while True:
+            time.sleep(self._refresh_s)
+            with self._lock:
+                current = list(self._gauges.items())
+            for (_name, tags), (spec, value) in current:
+                with contextlib.suppress(Exception):
+                    self._metric(spec).set(value, tags=dict(tags))
 
     def _metric(self, spec: MetricSpec) -> Any:
         found = self._made.get(spec.name)
@@ -52,6 +72,13 @@ class RayBackend:
             metric.inc(value, tags=dict(tags))
         elif spec.kind == "gauge":
             metric.set(value, tags=dict(tags))
+            with self._lock:
+                self._gauges[(spec.name, tuple(sorted(tags.items())))] = (spec, value)
+                if self._refresher is None:
+                    self._refresher = threading.Thread(
+                        target=self._refresh_forever, name="gauges", daemon=True
+                    )
+                    self._refresher.start()
         else:
             metric.observe(value, tags=dict(tags))
 

@@ -185,11 +185,11 @@ def run_serve(args: argparse.Namespace) -> int:
     haproxy = shutil.which(HAPROXY)
     private = haproxy_dir() if haproxy else None
     env = serve_env(os.environ, haproxy, private)
-    if json_logs:
-        # Replica output goes to the JSON files only (Serve's switch), each line as it is logged:
-        # Serve's throughput mode otherwise holds up to 1000 lines in memory per replica.
+    # Each replica log line is written as it is logged: Serve's throughput mode otherwise holds up
+    # to 1000 lines in memory per replica, which a stop that outlasts Serve's grace period loses.
+    env.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
+    if json_logs:  # replica output goes to the JSON files only (Serve's switch)
         env.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-        env.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
     front = "HAProxy" if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's HTTP proxy"
     print(f"starting Ray Serve with {args.config} on {url} ({front} in front) ...", flush=True)
     metrics_url = f"http://127.0.0.1:{metrics}/metrics"

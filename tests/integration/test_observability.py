@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SEALSERVE = str(Path(sys.executable).parent / "sealserve")  # the command `make serve` runs
 START_TIMEOUT_S = 420
 SCRAPE_TIMEOUT_S = 90
+# Longer than Ray's gauge TTL (two export intervals of ~5-10 s).
+GAUGE_OUTLIVES_S = 30
 SEALED_MODEL = "tiny-sd"
 LOCAL_MODEL = "tiny-classifier"
 
@@ -244,6 +246,13 @@ def test_every_metric_matches_the_traffic(service: Service, traffic: dict[str, A
         time.sleep(2)  # Ray's agent exports every few seconds
     assert wrong == [], wrong
     assert any(name.startswith("ray_serve_") for name in samples)  # next to Serve's own metrics
+    # A gauge that stays the same stays exported: Ray's agent drops a series not set again within
+    # two export intervals, so the replicas set their gauges again while they run.
+    time.sleep(GAUGE_OUTLIVES_S)
+    later = scrape(service.metrics_url)
+    assert total(later, m.LOADER_CACHE_BYTES.exported) == size.plaintext_size
+    assert total(later, m.GENERATIONS_RUNNING.exported, model=sd) == 0
+    assert [labels for labels, _ in later[m.GENERATIONS_RUNNING.exported]]
 
 
 def _json_lines(logs_dir: Path) -> list[dict[str, Any]]:

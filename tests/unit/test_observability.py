@@ -313,3 +313,14 @@ def test_project_loggers_forwarded_to_serve_carry_the_request_id(
     record = json.loads(line)
     assert record["request_id"] == "req-forwarded"
     assert record["message"] == "usage sink still failing (ConnectionError)"
+
+
+def test_a_model_replica_crash_reaches_the_ingress_as_one_500_not_a_second_traceback() -> None:
+    from deployments.model_clients import as_answer
+    from lib.errors import SealserveError
+
+    own = InvalidImageError("image is not valid base64")
+    assert as_answer(own) is own
+    crash = as_answer(RuntimeError("CUDA error: out of memory"))
+    assert isinstance(crash, SealserveError) and crash.status_code == 500
+    assert crash.message == "the model deployment failed (RuntimeError)"  # no internals in it
