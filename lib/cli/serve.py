@@ -126,10 +126,31 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def metrics_port(arg: int | None, environ: Mapping[str, str]) -> int:
-    port = arg or int(environ.get(METRICS_PORT_ENV) or DEFAULT_METRICS_PORT)
+    """The port for Ray's metrics agent. Ray does not start at all when it is taken (the agent
+    fails and the node times out), so a port asked for that is taken is refused clearly, and the
+    default, when taken, gives way to a free port."""
+    chosen = arg or environ.get(METRICS_PORT_ENV)
+    port = int(chosen or DEFAULT_METRICS_PORT)
     if not 0 < port < 65536:
         raise ConfigurationError(f"{METRICS_PORT_ENV} must be a TCP port, not {port}")
-    return port
+    if port_is_free(port):
+        return port
+    if chosen:
+        raise ConfigurationError(f"metrics port {port} is in use: set {METRICS_PORT_ENV} to a free port")
+    other = free_port()
+    print(f"note: port {port} is in use; Ray's metrics go to port {other} (set {METRICS_PORT_ENV} to choose)",
+          flush=True)
+    return other
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a listener may bind ``port`` on every interface, as Ray's metrics agent does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))  # noqa: S104 - probing the port the agent will bind
+        except OSError:
+            return False
+    return True
 
 
 def apply_log_format(config: dict[str, Any], environ: Mapping[str, str], logs_dir: Path) -> bool:
@@ -173,7 +194,9 @@ def run_serve(args: argparse.Namespace) -> int:
     port = args.port or (int(os.environ["PORT"]) if os.environ.get("PORT") else None)
     config, settings = prepare_config(config, args.host, port)
     preflight(settings)  # refuses bad secrets and missing credentials; creates the dev key in development
-    metrics = metrics_port(args.metrics_port, os.environ)
+    # Attached to a running cluster (RAY_ADDRESS), its nodes export on their own port.
+    attached = bool(os.environ.get("RAY_ADDRESS"))
+    metrics = None if attached else metrics_port(args.metrics_port, os.environ)
     json_logs = apply_log_format(config, os.environ, settings.state_path / LOGS_DIR)
     run_config = settings.state_path / "serve_config.run.yaml"
     run_config.parent.mkdir(parents=True, exist_ok=True)
@@ -192,11 +215,14 @@ def run_serve(args: argparse.Namespace) -> int:
         env.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     front = "HAProxy" if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's HTTP proxy"
     print(f"starting Ray Serve with {args.config} on {url} ({front} in front) ...", flush=True)
-    metrics_url = f"http://127.0.0.1:{metrics}/metrics"
-    print(f"metrics (Prometheus) will be at {metrics_url}", flush=True)
+    metrics_url = None if metrics is None else f"http://127.0.0.1:{metrics}/metrics"
+    if metrics_url:
+        print(f"metrics (Prometheus) will be at {metrics_url}", flush=True)
     if json_logs:
         print(f"logs: JSON lines in {(settings.state_path / LOGS_DIR).absolute()}", flush=True)
-    command = [sys.executable, "-m", LOCAL_SERVE, str(run_config), "--metrics-port", str(metrics)]
+    command = [sys.executable, "-m", LOCAL_SERVE, str(run_config)]
+    if metrics is not None:
+        command += ["--metrics-port", str(metrics)]
     if args.dashboard:
         command.append("--dashboard")
     # Ctrl-C, and what a process manager sends (SIGTERM), both stop the service gracefully; SIGINT
@@ -216,7 +242,7 @@ def _run_until_stopped(
     url: str,
     settings: AppSettings,
     ready_timeout: float,
-    metrics_url: str,
+    metrics_url: str | None,
 ) -> int:
     process = subprocess.Popen(command, env=env)  # noqa: S603
     try:

@@ -2,21 +2,51 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lib.cli import serve as serve_cli
 from lib.cli.serve import DEFAULT_METRICS_PORT, apply_log_format, banner, metrics_port
 from lib.errors import ConfigurationError
 from lib.settings import AppSettings
 
 
-def test_metrics_port_comes_from_the_flag_then_metrics_port_then_the_default() -> None:
+@pytest.fixture
+def all_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_cli, "port_is_free", lambda _port: True)
+
+
+def test_metrics_port_comes_from_the_flag_then_metrics_port_then_the_default(all_free: None) -> None:
     assert metrics_port(9100, {"METRICS_PORT": "9200"}) == 9100
     assert metrics_port(None, {"METRICS_PORT": "9200"}) == 9200
     assert metrics_port(None, {}) == DEFAULT_METRICS_PORT == 8080
     with pytest.raises(ConfigurationError):
         metrics_port(None, {"METRICS_PORT": "70000"})
+
+
+@pytest.fixture
+def taken() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))  # noqa: S104 - as the agent would
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+def test_a_taken_port_asked_for_is_refused_clearly(taken: int) -> None:
+    # Ray itself would not start: its agent fails and the node times out after half a minute.
+    with pytest.raises(ConfigurationError, match=f"metrics port {taken} is in use"):
+        metrics_port(None, {"METRICS_PORT": str(taken)})
+    with pytest.raises(ConfigurationError):
+        metrics_port(taken, {})
+
+
+def test_a_taken_default_gives_way_to_a_free_port(taken: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_cli, "DEFAULT_METRICS_PORT", taken)
+    chosen = metrics_port(None, {})
+    assert chosen != taken and serve_cli.port_is_free(chosen)
 
 
 def _config() -> dict[str, object]:
