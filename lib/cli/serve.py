@@ -143,6 +143,12 @@ def metrics_port(arg: int | None, environ: Mapping[str, str]) -> int:
     return other
 
 
+def attached_to_cluster(environ: Mapping[str, str]) -> bool:
+    """Whether ``serve run`` attaches to a running cluster, whose nodes export metrics on their own
+    port: ``RAY_ADDRESS`` other than ``local`` (deployments/local_serve.py starts Ray otherwise)."""
+    return environ.get("RAY_ADDRESS", "local") not in ("", "local")
+
+
 def port_is_free(port: int) -> bool:
     """Whether a listener may bind ``port`` on every interface, as Ray's metrics agent does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -194,9 +200,7 @@ def run_serve(args: argparse.Namespace) -> int:
     port = args.port or (int(os.environ["PORT"]) if os.environ.get("PORT") else None)
     config, settings = prepare_config(config, args.host, port)
     preflight(settings)  # refuses bad secrets and missing credentials; creates the dev key in development
-    # Attached to a running cluster (RAY_ADDRESS), its nodes export on their own port.
-    attached = bool(os.environ.get("RAY_ADDRESS"))
-    metrics = None if attached else metrics_port(args.metrics_port, os.environ)
+    metrics = None if attached_to_cluster(os.environ) else metrics_port(args.metrics_port, os.environ)
     json_logs = apply_log_format(config, os.environ, settings.state_path / LOGS_DIR)
     run_config = settings.state_path / "serve_config.run.yaml"
     run_config.parent.mkdir(parents=True, exist_ok=True)

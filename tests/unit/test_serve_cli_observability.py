@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lib.cli import serve as serve_cli
-from lib.cli.serve import DEFAULT_METRICS_PORT, apply_log_format, banner, metrics_port
+from lib.cli.serve import DEFAULT_METRICS_PORT, apply_log_format, attached_to_cluster, banner, metrics_port
 from lib.errors import ConfigurationError
 from lib.settings import AppSettings
 
@@ -77,3 +77,10 @@ def test_the_banner_prints_the_scrape_url(tmp_path: Path) -> None:
     settings = AppSettings(environment="production", state_dir=str(tmp_path))
     text = banner("http://127.0.0.1:1", settings, "http://127.0.0.1:8080/metrics")
     assert "metrics (Prometheus scrape URL): http://127.0.0.1:8080/metrics" in text
+
+
+def test_only_a_real_cluster_address_skips_the_local_metrics_port() -> None:
+    assert not attached_to_cluster({})
+    assert not attached_to_cluster({"RAY_ADDRESS": "local"})  # bench/request_path.py sets it
+    assert not attached_to_cluster({"RAY_ADDRESS": ""})
+    assert attached_to_cluster({"RAY_ADDRESS": "10.0.0.5:6379"})
