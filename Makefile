@@ -16,6 +16,7 @@ FUZZ_SECONDS ?= 120
 
 help:
 	@echo "make serve   set up .venv, build demo models if needed, start the service on PORT ($(PORT))"
+	@echo "             (metrics on METRICS_PORT, default 8080; LOG_FORMAT=json for JSON logs)"
 	@echo "make test    set up .venv with the test extra and run the whole suite"
 	@echo "make lint    ruff + mypy"
 	@echo "make fuzz    schemathesis against a live make serve for FUZZ_SECONDS ($(FUZZ_SECONDS))"

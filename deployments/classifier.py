@@ -19,6 +19,7 @@ from lib.errors import BadRequestError, SealserveError
 from lib.models.catalog_view import CatalogView
 from lib.models.classification import Classifier, classify, load_classifier
 from lib.models.imaging import decode_image
+from lib.observability import metrics
 from lib.schemas import ClassifyRequest, ClassifyResponse, Prediction
 from lib.settings import AppSettings
 
@@ -42,6 +43,7 @@ class ImageClassifier(ModelReplica):
         self._catalog = CatalogView(self._loader.models)
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    @metrics.track_model_ready("ImageClassifier")
     async def get_model(self, model_id: str) -> Classifier:
         info = await self._loader.ensure(model_id)
         assert info.path is not None
@@ -49,6 +51,7 @@ class ImageClassifier(ModelReplica):
         self._loaded[model_id] = classifier
         return classifier
 
+    @metrics.track_classification
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """One image (the handle API); concurrent calls are batched into one forward pass."""
         info = await self._catalog.resolve(request.model_id or self._settings.default_classifier, KIND)
@@ -59,6 +62,7 @@ class ImageClassifier(ModelReplica):
         predictions = await self._classify_batch(_Item(info.id, image, request.top_k))
         return ClassifyResponse(predictions=predictions, model=info.id)
 
+    @metrics.track_classification
     async def classify_many(
         self, requests: list[ClassifyRequest]
     ) -> list[ClassifyResponse | SealserveError]:

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp
 
 from deployments.model_clients import ModelClients
 from deployments.model_loader import NodeLoader
+from deployments.observability import install as install_observability
 from deployments.rate_limiter import RateLimiterClient
 from deployments.routes.accounts import router as account_routes
 from deployments.routes.deps import STATE_ACCOUNTS, STATE_GATE, STATE_LOADER, STATE_MODELS
@@ -67,6 +68,7 @@ class Ingress:
         settings: AppSettings,
         rate_limiter: DeploymentHandle,
     ) -> None:
+        install_observability(settings)
         self.settings = settings
         secrets = Secrets.from_env(settings)
         self.accounts = build_accounts(

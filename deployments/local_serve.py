@@ -1,4 +1,4 @@
-"""``python -m deployments.local_serve CONFIG``: Ray Serve's ``serve run`` on a lean local Ray.
+"""``python -m deployments.local_serve CONFIG [--metrics-port N]``: ``serve run`` on a lean local Ray.
 
 ``sealserve serve`` becomes this process (it ``exec``s it, so the service is one driver process,
 not a CLI waiting on a driver) instead of running the ``serve run`` command, so that the local Ray
@@ -39,7 +39,7 @@ from lib.cli.serve import announce_when_ready, stop_processes_naming
 SERVE_NAMESPACE = "serve"
 
 
-def start_local_ray(*, dashboard: bool, logs: bool) -> Any:
+def start_local_ray(*, dashboard: bool, logs: bool, metrics_port: int | None) -> Any:
     """A head node started as ``ray.init`` starts one, without the processes the flags leave out.
 
     ``ray.init`` has no switch for the autoscaler's monitor or the log monitor (``ray start`` has:
@@ -51,7 +51,9 @@ def start_local_ray(*, dashboard: bool, logs: bool) -> Any:
 
     # include_log_monitor is annotated str | None in Ray, read as a truth value.
     log_monitor: Any = logs or dashboard
-    params = RayParams(include_dashboard=dashboard, no_monitor=not dashboard, include_log_monitor=log_monitor)
+    # Ray's metrics agent runs on every node, dashboard or not: a fixed port makes it scrapeable.
+    params = RayParams(include_dashboard=dashboard, no_monitor=not dashboard, include_log_monitor=log_monitor,
+                       metrics_export_port=metrics_port)
     return Node(params, head=True, shutdown_at_exit=False, spawn_reaper=True, ray_init_cluster=True)
 
 
@@ -63,26 +65,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="print the ready banner for the service at this URL")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--remove-on-exit", type=Path, help="a private directory to remove on exit")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port of the metrics agent")
     args = parser.parse_args(argv)
     node = None
     try:
         address = os.environ.get("RAY_ADDRESS", "local")
         if address == "local":
             try:
-                node = start_local_ray(dashboard=args.dashboard, logs=args.logs)
+                node = start_local_ray(
+                    dashboard=args.dashboard, logs=args.logs, metrics_port=args.metrics_port
+                )
                 address = node.address
             except (ImportError, AttributeError, TypeError) as exc:  # another Ray's private API
                 print(f"note: starting a plain local Ray ({type(exc).__name__}: {exc})", file=sys.stderr)
         ray.init(address=address, namespace=SERVE_NAMESPACE, log_to_driver=args.logs or args.dashboard,
-                 **({"include_dashboard": args.dashboard} if node is None and address == "local" else {}))
+                 **({"include_dashboard": args.dashboard, "_metrics_export_port": args.metrics_port}
+                    if node is None and address == "local" else {}))
         # serve run stops Serve on KeyboardInterrupt; a shell that started us in the background
         # left SIGINT ignored, and SIGTERM (a process manager's stop) deserves the same graceful
         # path. Installed after ray.init, whose core worker replaces the SIGTERM handler.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.default_int_handler(_signum, _frame))
         if args.url:
+            metrics_url = f"http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else None
             threading.Thread(
-                target=announce_when_ready, args=(args.url, args.config, args.ready_timeout), daemon=True
+                target=announce_when_ready, args=(args.url, args.config, args.ready_timeout, metrics_url),
+                daemon=True,
             ).start()
         cli.main(["run", str(args.config)], prog_name="serve", standalone_mode=False)
     except KeyboardInterrupt:

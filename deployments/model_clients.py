@@ -24,8 +24,9 @@ from deployments.ray_errors import unwrap
 from deployments.version import VERSION
 from lib.accounts.gate import Admission
 from lib.batching import MicroBatcher
-from lib.errors import GatewayTimeoutError, ServiceUnavailableError
+from lib.errors import GatewayTimeoutError, SealserveError, ServiceUnavailableError
 from lib.models.catalog_view import CatalogView
+from lib.observability import metrics
 from lib.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -90,6 +91,7 @@ class ModelClients:
         result: InferResponse = await self._call(unary(handle.generate.remote(routed)))
         admission.timings["model"] = (time.perf_counter() - started) * 1000
         admission.image_count = len(result.images)
+        metrics.request_cost(admission.principal.subject, len(result.images) * result.num_inference_steps)
         return result
 
     async def resolve_text_to_image(self, id_or_name: str | None) -> ModelInfo:
@@ -157,6 +159,7 @@ class ModelClients:
         if isinstance(outcome, BaseException):
             raise outcome
         admission.image_count = 1
+        metrics.request_cost(admission.principal.subject, 1)
         return outcome
 
     async def _classify_many(
@@ -226,7 +229,15 @@ class ModelClients:
         except (RayActorError, BackPressureError):
             raise ServiceUnavailableError("the model deployment is busy or restarting; retry") from None
         except Exception as exc:
-            raise unwrap(exc) from None
+            raise as_answer(unwrap(exc)) from None
 
     async def _within(self, awaitable: Awaitable[T]) -> T:
         return await asyncio.wait_for(awaitable, self._health_timeout_s)
+
+
+def as_answer(exc: BaseException) -> BaseException:
+    """A model deployment's own error as itself; anything else as a 500 whose traceback the model
+    replica has already logged (Serve logs it there with the request id): the ingress logs one line."""
+    if isinstance(exc, SealserveError) or not isinstance(exc, Exception):
+        return exc
+    return SealserveError(f"the model deployment failed ({type(exc).__name__})")

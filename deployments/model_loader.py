@@ -29,6 +29,7 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from deployments.observability import install as install_observability
 from deployments.ray_errors import unwrap
 from lib.models.catalog import ModelCatalog, find_model, resolve_model
 from lib.schemas import ModelInfo
@@ -47,6 +48,7 @@ class ModelLoader:
     """Per-node owner of the model catalog; hands replicas verified local model paths."""
 
     def __init__(self, settings: AppSettings, app_name: str) -> None:
+        install_observability(settings)
         self._settings = settings
         self._catalog = ModelCatalog(settings.model_dirs, allow_pickle=settings.allow_pickle_models)
         self._sealed: SealedCatalog | None = None

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import ray
 
 from deployments.model_loader import NodeLoader
+from deployments.observability import install as install_observability
 from lib.models.device import GpuAssignment, detect_device
 from lib.schemas import DeploymentHealth
 from lib.settings import AppSettings
@@ -31,6 +32,7 @@ class ModelReplica:
     deployment_name: ClassVar[str]
 
     def __init__(self, settings: AppSettings) -> None:
+        install_observability(settings)
         self._settings = settings
         self._device = detect_device(ray_gpu_assignment())
         if self._device.warning:

@@ -32,6 +32,7 @@ from lib.models.catalog import require_kind
 from lib.models.generation import Finished, GenerationControl, Generations
 from lib.models.previews import preview_steps
 from lib.models.text_to_image import generate, load_pipeline, resolve_params
+from lib.observability import metrics
 from lib.schemas import DeploymentHealth, GenerationStep, InferRequest, InferResponse, ModelInfo
 from lib.settings import AppSettings
 
@@ -61,6 +62,7 @@ class TextToImage(ModelReplica):
         self._generations = Generations()
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    @metrics.track_model_ready("TextToImage")
     async def get_model(self, model_id: str) -> LoadedPipeline:
         info = require_kind(await self._loader.ensure(model_id), "text-to-image")
         assert info.path is not None
@@ -69,6 +71,7 @@ class TextToImage(ModelReplica):
         self._loaded[model_id] = loaded
         return loaded
 
+    @metrics.track_generation
     async def generate(self, request: InferRequest) -> InferResponse:
         model, work = await self._prepare(request, 0)
         async with model.lock:

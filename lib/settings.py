@@ -41,6 +41,7 @@ ENV_VARS: dict[str, str] = {
     "request_timeout_s": "REQUEST_TIMEOUT_S",
     "generation_threads": "GENERATION_THREADS",
     "allow_pickle_models": "ALLOW_PICKLE_MODELS",
+    "metrics_per_key": "METRICS_PER_KEY",
 }
 
 MIN_API_KEY_CHARS = 32
@@ -110,6 +111,9 @@ class AppSettings(BaseModel):
         None,
         description="Model id or name used by /v1/classify when the request names none; "
         "default: the first image-classification model of the catalog by name.",
+    )
+    metrics_per_key: bool = Field(
+        True, description="Label the request-cost metric by key id (off for fleets with many keys)."
     )
     jwt_issuer: str = Field("sealserve", description="Required `iss` of accepted JWTs.")
     jwt_audience: str = Field("sealserve-api", description="Required `aud` of accepted JWTs.")

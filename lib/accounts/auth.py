@@ -27,6 +27,7 @@ from lib.accounts.rate_limit import RateLimitSpec
 from lib.accounts.records import KeyRecord, Scope, hash_api_key
 from lib.clock import utc_now
 from lib.errors import AuthenticationError, PermissionDeniedError
+from lib.observability import metrics
 from lib.tokens import looks_like_jwt
 
 ALL_SCOPES: frozenset[str] = frozenset(scope.value for scope in Scope)
@@ -96,6 +97,7 @@ class Authenticator:
         scheme, _, credential = (authorization or "").strip().partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
+            metrics.auth_failure("missing")
             raise AuthenticationError("missing bearer credentials: send 'Authorization: Bearer <key>'")
         if looks_like_jwt(credential):
             return self._token_principal(credential)
@@ -110,12 +112,14 @@ class Authenticator:
             record = self._lookup_key(credential)
             if record is not None:
                 return Principal(record.id, frozenset(record.scopes), "api_key", record.rate_limit_spec)
+        metrics.auth_failure("unknown_key")
         raise AuthenticationError(INVALID_CREDENTIALS)
 
     def _token_principal(self, token: str) -> Principal:
         try:
             claims = self._tokens.verify(token)
         except AuthenticationError:
+            metrics.auth_failure("invalid_token")
             raise AuthenticationError(INVALID_CREDENTIALS) from None
         scopes = ALL_SCOPES.intersection(claims.scopes)
         subject = claims.subject
@@ -123,6 +127,7 @@ class Authenticator:
             record = self._lookup_key_id(subject)
             # A key row that no longer exists (deleted) ends its tokens like a revoked one.
             if record is None or not record.is_usable(self._clock()):
+                metrics.auth_failure("unusable_key")
                 raise AuthenticationError(INVALID_CREDENTIALS)
             return Principal(subject, scopes.intersection(record.scopes), "jwt", record.rate_limit_spec)
         return Principal(subject, scopes, "jwt", self._bootstrap_rate_limit)

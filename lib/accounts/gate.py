@@ -29,6 +29,7 @@ from lib.accounts.rate_limit import RateDecision
 from lib.accounts.records import Scope, UsageRecord
 from lib.clock import utc_now
 from lib.errors import RateLimitedError
+from lib.observability import metrics
 from lib.ttl_cache import CacheMiss, memory_only
 
 RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
@@ -67,6 +68,7 @@ class Admission:
     def require(self, scope: Scope | str | None) -> None:
         """429 when over the rate limit, then 403 without ``scope`` (None: any scope will do)."""
         if self.decision is not None and not self.decision.allowed:
+            metrics.rate_limited()
             raise RateLimitedError(
                 f"rate limit of {self.decision.limit} requests exceeded; retry after "
                 f"{retry_after_seconds(self.decision)}s"

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lib.accounts.records import UsageRecord
+from lib.observability import metrics
 from lib.retry import RetryPolicy, call_with_retries
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,12 @@ class UsageRecorder:
         with self._cond:
             if self._closing:
                 self._dropped += 1
+                metrics.usage("dropped")
                 log.warning("usage recorder is closed; dropped a usage record")
                 return False
             if len(self._queue) + self._in_flight >= self._max_queue:
                 self._dropped += 1
+                metrics.usage("dropped")
                 if not self._overflowing:
                     self._overflowing = True
                     log.warning(
@@ -107,6 +110,7 @@ class UsageRecorder:
                 return False
             self._overflowing = False
             self._queue.append(record)
+            metrics.usage("queued")
             if len(self._queue) >= self._max_batch:
                 self._cond.notify_all()
             return True
@@ -180,6 +184,7 @@ class UsageRecorder:
             permanent = not self._retry_on(exc)
             with self._cond:
                 self._in_flight = 0
+                metrics.usage("dropped" if permanent else "retried", len(batch))
                 if permanent:
                     self._dropped += len(batch)
                 else:
@@ -198,6 +203,7 @@ class UsageRecorder:
         with self._cond:
             self._in_flight = 0
             self._written += len(batch)
+            metrics.usage("written", len(batch))
             self._cond.notify_all()
         return True
 

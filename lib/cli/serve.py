@@ -42,6 +42,13 @@ QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STAT
 # it, 129 req/s with it behind Serve's Python proxy, 188 req/s with HAProxy in front.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 HAPROXY = "haproxy"
+# Ray's metrics agent exports every metric of the node (sealserve's, Serve's, Ray's) here, in
+# Prometheus format. The agent runs without the dashboard too, so this costs no extra process.
+METRICS_PORT_ENV = "METRICS_PORT"
+DEFAULT_METRICS_PORT = 8080
+# LOG_FORMAT=json: one JSON object per line (Serve's logging_config encoding), in LOGS_DIR.
+LOG_FORMAT_ENV = "LOG_FORMAT"
+LOGS_DIR = "logs"
 
 
 def free_port() -> int:
@@ -141,7 +148,63 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="stream every replica's log to this console (off by default: Ray's log monitor, ~80 MiB)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help=f"Prometheus metrics port of the local Ray (default: ${METRICS_PORT_ENV}, else "
+        f"{DEFAULT_METRICS_PORT})",
+    )
     parser.set_defaults(func=run_serve)
+
+
+def metrics_port(arg: int | None, environ: Mapping[str, str]) -> int:
+    """The port for Ray's metrics agent. Ray does not start at all when it is taken (the agent
+    fails and the node times out), so a port asked for that is taken is refused clearly, and the
+    default, when taken, gives way to a free port."""
+    chosen = arg or environ.get(METRICS_PORT_ENV)
+    port = int(chosen or DEFAULT_METRICS_PORT)
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"{METRICS_PORT_ENV} must be a TCP port, not {port}")
+    if port_is_free(port):
+        return port
+    if chosen:
+        raise ConfigurationError(f"metrics port {port} is in use: set {METRICS_PORT_ENV} to a free port")
+    other = free_port()
+    print(f"note: port {port} is in use; Ray's metrics go to port {other} (set {METRICS_PORT_ENV} to choose)",
+          flush=True)
+    return other
+
+
+def attached_to_cluster(environ: Mapping[str, str]) -> bool:
+    """Whether ``serve run`` attaches to a running cluster, whose nodes export metrics on their own
+    port: ``RAY_ADDRESS`` other than ``local`` (deployments/local_serve.py starts Ray otherwise)."""
+    return environ.get("RAY_ADDRESS", "local") not in ("", "local")
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a listener may bind ``port`` on every interface, as Ray's metrics agent does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))  # noqa: S104 - probing the port the agent will bind
+        except OSError:
+            return False
+    return True
+
+
+def apply_log_format(config: dict[str, Any], environ: Mapping[str, str], logs_dir: Path) -> bool:
+    """``LOG_FORMAT=json``: every application logs JSON lines (its ``logging_config``) into
+    ``logs_dir`` unless the config names another directory. True when JSON was chosen."""
+    log_format = (environ.get(LOG_FORMAT_ENV) or "text").strip().lower()
+    if log_format not in ("text", "json"):
+        raise ConfigurationError(f"{LOG_FORMAT_ENV} must be 'text' or 'json', not {log_format[:20]!r}")
+    if log_format == "text":
+        return False
+    for app in config.get("applications", []):
+        logging_config = {**(app.get("logging_config") or {}), "encoding": "JSON"}
+        logging_config.setdefault("logs_dir", str(logs_dir.absolute()))
+        app["logging_config"] = logging_config
+    return True
 
 
 def prepare_config(
@@ -170,6 +233,8 @@ def run_serve(args: argparse.Namespace) -> int:
     port = args.port or (int(os.environ["PORT"]) if os.environ.get("PORT") else None)
     config, settings = prepare_config(config, args.host, port)
     preflight(settings)  # refuses bad secrets and missing credentials; creates the dev key in development
+    metrics = None if attached_to_cluster(os.environ) else metrics_port(args.metrics_port, os.environ)
+    json_logs = apply_log_format(config, os.environ, settings.state_path / LOGS_DIR)
     run_config = settings.state_path / "serve_config.run.yaml"
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -180,12 +245,24 @@ def run_serve(args: argparse.Namespace) -> int:
     haproxy = shutil.which(HAPROXY)
     private = haproxy_dir() if haproxy else None
     env = serve_env(os.environ, haproxy, private)
+    # Each replica log line is written as it is logged: Serve's throughput mode otherwise holds up
+    # to 1000 lines in memory per replica, which a stop that outlasts Serve's grace period loses.
+    env.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
+    if json_logs:  # replica output goes to the JSON files only (Serve's switch)
+        env.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     front = "HAProxy" if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's HTTP proxy"
     print(f"starting Ray Serve with {args.config} on {url} ({front} in front) ...", flush=True)
+    metrics_url = None if metrics is None else f"http://127.0.0.1:{metrics}/metrics"
+    if metrics_url:
+        print(f"metrics (Prometheus) will be at {metrics_url}", flush=True)
+    if json_logs:
+        print(f"logs: JSON lines in {(settings.state_path / LOGS_DIR).absolute()}", flush=True)
     command = [sys.executable, "-m", LOCAL_SERVE, str(run_config), "--url", url,
                "--ready-timeout", str(args.ready_timeout)]
     if private is not None:
         command += ["--remove-on-exit", str(private)]
+    if metrics is not None:
+        command += ["--metrics-port", str(metrics)]
     command += [flag for flag, wanted in (("--dashboard", args.dashboard), ("--logs", args.logs)) if wanted]
     # This process becomes the driver: one process to signal (Ctrl-C or a process manager's
     # SIGTERM stop it gracefully) and ~80 MiB less than a CLI waiting on a child.
@@ -193,13 +270,13 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def announce_when_ready(url: str, run_config: Path, timeout: float) -> bool:
+def announce_when_ready(url: str, run_config: Path, timeout: float, metrics_url: str | None = None) -> bool:
     """Wait until ``url`` says ready, then print the banner (run by the driver, on a thread)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if requests.get(f"{url}/health", timeout=5).json().get("ready"):
-                print(banner(url, run_settings(run_config)), flush=True)
+                print(banner(url, run_settings(run_config), metrics_url), flush=True)
                 return True
         except (requests.RequestException, ValueError):
             pass
@@ -215,7 +292,7 @@ def run_settings(run_config: Path) -> AppSettings:
     return AppSettings.from_args(app.get("args"))
 
 
-def banner(url: str, settings: AppSettings) -> str:
+def banner(url: str, settings: AppSettings, metrics_url: str | None = None) -> str:
     key_file = settings.state_path / DEV_API_KEY_FILE
     if settings.environment == "development" and key_file.exists():
         key = key_file.read_text().strip()
@@ -235,6 +312,7 @@ def banner(url: str, settings: AppSettings) -> str:
         f"sealserve is ready at {url}  (OpenAPI docs: {url}/docs)",
         f"playground: {url}/playground  (paste the key there)",
         key_line,
+        *([f"metrics (Prometheus scrape URL): {metrics_url}"] if metrics_url else []),
         "",
         f"curl -s {url}/health",
         f"curl -s {auth} {url}/v1/models",

@@ -20,12 +20,20 @@ from lib.errors import (
     ValidationFailedError,
     code_for_status,
 )
+from lib.observability.logs import client_error_line
 
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
 def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or "-")
+
+
+def log_answer(log: logging.Logger, request: Request, status: int, code: str) -> None:
+    """One line per error answer: status, code, request id, key id; never a traceback."""
+    principal = getattr(request.scope.get("state", {}).get("admission"), "principal", None)
+    line = client_error_line(status, code, request_id_of(request), getattr(principal, "subject", None))
+    log.log(logging.ERROR if status >= 500 else logging.INFO, line)
 
 
 def error_response(
@@ -61,20 +69,24 @@ def install_error_handlers(app: FastAPI, log: logging.Logger) -> None:
 
     async def on_sealserve_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, SealserveError)
+        log_answer(log, request, exc.status_code, exc.code)
         return sealserve_error_response(exc, request_id_of(request))
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         message, status = validation_message(exc)
         error = BadRequestError(message) if status == 400 else ValidationFailedError(message)
+        log_answer(log, request, error.status_code, error.code)
         return sealserve_error_response(error, request_id_of(request))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         # FastAPI turns an error raised while reading the body (our size limit) into a 400.
         if isinstance(exc.__cause__, SealserveError):
+            log_answer(log, request, exc.__cause__.status_code, exc.__cause__.code)
             return sealserve_error_response(exc.__cause__, request_id_of(request))
         code = code_for_status(exc.status_code)
+        log_answer(log, request, exc.status_code, code)
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return error_response(exc.status_code, code, message, request_id_of(request))
 

@@ -23,6 +23,7 @@ from typing import Any
 from lib.accounts.gate import Admission, usage_record
 from lib.accounts.records import UsageRecord
 from lib.http.asgi import ASGIApp, AsgiScope, Message, Receive, Send
+from lib.observability import metrics
 
 ADMISSION_STATE_KEY = "admission"
 # Where an admitted request's time went (auth, limit, model, app), for clients and benchmarks.
@@ -84,6 +85,7 @@ class GateMiddleware:
         try:
             await self.app(scope, receive, send_with_rate_headers)
         finally:
+            metrics.request(endpoint_of(scope), status or 500)
             admission = admission_of(scope)
             if admission is not None:
                 self._record_usage(scope, admission, status or 500, started)

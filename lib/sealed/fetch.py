@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lib.errors import IntegrityError
+from lib.observability import metrics
 from lib.retry import RetryPolicy
 from lib.sealed.archive import unpack_archive
 from lib.sealed.format import HEADER_SIZE, SegmentOpener, parse_header
@@ -241,6 +242,7 @@ class SealedFetcher:
         preallocated: the stream writes into memory that is already there."""
         fetched = self._resources.get(ref.folder, ref.name, self._keypair, self._fingerprint)
         released = time.monotonic()
+        metrics.key_released()
         manifest = fetched.manifest
         self.trust.check_manifest(ref.folder, manifest.model_dump(mode="json"), dek=fetched.dek,
                                   what=f"sealed model {ref.folder}/{ref.name}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import ConfigurationError, SealserveError
+from lib.observability import metrics
 from lib.sealed.fetch import SealedFetcher, SealedRef
 from lib.sealed.wire import ResourceManifest
 
@@ -82,7 +83,9 @@ class SealedModelCache:
             if entry is not None:
                 self._entries.move_to_end(ref.key)
                 stats.cache_hits += 1
+                metrics.cache_hit()
                 return entry.path, entry.manifest
+            metrics.cache_miss()
             flight = self._flights.get(ref.key)
             leader = flight is None
             if flight is None:
@@ -96,6 +99,7 @@ class SealedModelCache:
             with self._lock:
                 stats.last_error = describe(exc)
                 del self._flights[ref.key]
+            metrics.fetch_failed()
             flight.future.set_exception(exc)
             raise
         entry = _Entry(outcome.path, outcome.manifest, outcome.manifest.plaintext_size)
@@ -111,6 +115,7 @@ class SealedModelCache:
                 if key[:2] == ref.location and key != ref.key
             ]
             evicted += self._evict_over_budget(keep=ref.key)
+            metrics.fetched(outcome.downloaded_bytes, entry.size, len(evicted), self._bytes())
         flight.future.set_result(entry)
         for old in evicted:
             _remove(old.path)
@@ -131,6 +136,9 @@ class SealedModelCache:
                 evicted.append(entry)
         return evicted
 
+    def _bytes(self) -> int:
+        return sum(e.size for e in self._entries.values())
+
     def stats(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {name: vars(s).copy() for name, s in self._stats.items()}
@@ -144,6 +152,7 @@ class SealedModelCache:
         with self._lock:
             released = list(self._entries.values())
             self._entries.clear()
+        metrics.cache_bytes(0)
         for entry in released:
             _remove(entry.path)
 

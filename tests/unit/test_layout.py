@@ -93,6 +93,13 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
          "lib.http.gate"),
         ("lib.sealed.wire", "lib.sealed.keywrap", "lib.sealed.signing"),
     ),
+    (
+        # Metrics and logging rules are leaves: every package may call them, they call none.
+        "lib/observability",
+        ("lib.accounts", "lib.sealed", "lib.models", "lib.http", "lib.resource_api", "lib.cli",
+         "lib.settings", "lib.preflight", *WEB_FRAMEWORKS),
+        (),
+    ),
     ("bench", ("tests",), ()),
     ("devservers", ("tests", "bench", "deployments"), ()),
 ]

@@ -37,6 +37,7 @@ PRECEDENCE_CASES: dict[str, tuple[Any, str, Any]] = {
     "request_timeout_s": (11.0, "99.5", 99.5),
     "generation_threads": (3, "2", 2),
     "allow_pickle_models": (False, "1", True),
+    "metrics_per_key": (True, "0", False),
 }
 
 
