@@ -48,6 +48,9 @@ log = logging.getLogger("ray.serve")
 # The usage drain gets most of the replica's graceful_shutdown_timeout_s (30 s, set in
 # deployments/app.py), leaving room for the drain of in-flight requests before it.
 USAGE_DRAIN_TIMEOUT_S = 20.0
+# A concurrency slot the ingress never gave back (it died) frees itself this long after the
+# longest a request can wait for its model.
+SLOT_TTL_MARGIN_S = 60.0
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 415, 422, 429, 503, 504)
@@ -75,6 +78,8 @@ class Ingress:
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             limiter=RateLimiterClient(rate_limiter),
+            default_inference_steps=settings.default_inference_steps,
+            slot_ttl_s=settings.request_timeout_s + SLOT_TTL_MARGIN_S,
         )
         self.loader = NodeLoader.for_this_replica(settings)
         self.models = ModelClients(
@@ -138,7 +143,7 @@ def create_api(
     api.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
-        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         expose_headers=["X-Request-ID", *RATE_LIMIT_HEADERS],
     )

@@ -86,6 +86,9 @@ class GateMiddleware:
         finally:
             admission = admission_of(scope)
             if admission is not None:
+                # The request is over (its stream too, or the client went away): a concurrency
+                # slot it held is given back (lib/accounts/compute.py).
+                admission.release()
                 self._record_usage(scope, admission, status or 500, started)
 
     def _record_usage(self, scope: AsgiScope, admission: Admission, status: int, started: float) -> None:
