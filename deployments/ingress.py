@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -40,7 +41,7 @@ from lib.accounts.records import UsageRecord
 from lib.accounts.wiring import AccountsWiring, build_accounts
 from lib.http.context import RequestContextMiddleware
 from lib.http.errors import install_error_handlers
-from lib.http.gate import GateMiddleware
+from lib.http.gate import BodyGateMiddleware, GateMiddleware, body_limit_for
 from lib.schemas import ErrorBody
 from lib.settings import AppSettings, Secrets, accounts_database_url
 
@@ -139,6 +140,12 @@ def create_api(
         version=VERSION,
         description="Text-to-image and image classification behind one authenticated API.",
         responses=ERROR_RESPONSES,
+    )
+    # Added first, so innermost: inside the request context (request id, the global body cap).
+    api.add_middleware(
+        BodyGateMiddleware,
+        authenticate=accounts.gate.authenticate,
+        body_limit=partial(body_limit_for, image_bytes=settings.max_body_bytes),
     )
     api.add_middleware(
         CORSMiddleware,

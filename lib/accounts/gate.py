@@ -156,19 +156,25 @@ class RequestGate:
         self._limiter = limiter
         self._compute = compute
 
-    async def admit(self, authorization: str | None) -> Admission:
-        """Authenticate (401 on failure) and count the request against the caller's limit.
-
-        Authentication is answered from the key caches on the event loop; only a cache miss (a
-        blocking database lookup) goes to a thread. The limiter's own errors (e.g. 503 when it
-        cannot be reached) propagate. The time of each stage is kept in ``Admission.timings``.
-        """
-        started = time.perf_counter()
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller (401 on failure): from the key caches on the event loop; only a cache miss
+        (a blocking database lookup) goes to a thread."""
         try:
             with memory_only():
-                principal = self._authenticator.authenticate(authorization)
+                return self._authenticator.authenticate(authorization)
         except CacheMiss:
-            principal = await asyncio.to_thread(self._authenticator.authenticate, authorization)
+            return await asyncio.to_thread(self._authenticator.authenticate, authorization)
+
+    async def admit(self, authorization: str | None, principal: Principal | None = None) -> Admission:
+        """Authenticate (401 on failure) and count the request against the caller's limit.
+
+        ``principal``: the caller, when already authenticated from the same header (before the
+        body was read: ``lib/http/gate.py``). The limiter's own errors (e.g. 503 when it cannot
+        be reached) propagate. The time of each stage is kept in ``Admission.timings``.
+        """
+        started = time.perf_counter()
+        if principal is None:
+            principal = await self.authenticate(authorization)
         authenticated = time.perf_counter()
         spec = principal.rate_limit
         decision = None
