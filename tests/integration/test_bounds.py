@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -176,44 +177,62 @@ class CapNotYetApplied(Exception):
 def assert_capped(
     api: ServeInstance, key: dict[str, str], heavy: dict[str, Any], light: dict[str, Any], cap: int
 ) -> None:
-    """``cap`` heavy generations held at once; while every one of them is still unanswered (so
-    still holding its slot: a slot is given back only after the response is sent), every other
-    generation of the key, on either replica, must be refused. Probes answered after a heavy one
-    ended decide nothing and are not counted."""
+    """``cap`` heavy generations hold the key's slots; every other generation of the key, on
+    either replica, is refused while they surely hold them; afterwards the slots are free again.
+
+    Surely, without trusting timing: a heavy one sent at ``t0`` (client clock) holds its slot from
+    its admission (the probes start a second later, after it) until after its generation ended,
+    which is after ``t0 + processing_time`` (its generation started after ``t0`` and lasted that
+    long, as the response reports). A probe answered before ``t0 + min(processing_time)`` was
+    therefore admitted or refused while all ``cap`` slots were held: it must have been refused.
+    Later probes decide nothing. When no probe was decided, the heavy ones are made heavier.
+    """
+    body = dict(heavy)
+    for _ in range(3):
+        decided, finished = _probe_while_running(api, key, body, light, cap)
+        if cap == 1 and any(p.status_code == 200 for p in decided):
+            raise CapNotYetApplied  # a replica's cached key still had the old cap
+        if decided:
+            break
+        body["num_inference_steps"] = min(150, body["num_inference_steps"] * 3)
+    else:
+        raise AssertionError("no probe was answered while the heavy generations surely ran")
+    assert {p.status_code for p in decided} == {429}, [p.text for p in decided]
+    for refused in decided:
+        assert f"maximum of {cap} concurrent generations" in refused.json()["error"]["message"]
+        assert refused.headers["Retry-After"] == "1" and refused.headers["X-Cost"] == "0"
+    expected_cost = str(body["num_inference_steps"] * body["num_images"])  # 512x512
+    assert {r.headers["X-Cost"] for r in finished} == {expected_cost}
+
+
+def _probe_while_running(
+    api: ServeInstance, key: dict[str, str], heavy: dict[str, Any], light: dict[str, Any], cap: int
+) -> tuple[list[requests.Response], list[requests.Response]]:
     with ThreadPoolExecutor(max_workers=cap) as pool:
+        sent_at = time.monotonic()
         running = [
             pool.submit(api.post, "/v1/infer", json=heavy, headers=key, timeout=600) for _ in range(cap)
         ]
         # Let them take their slots first (a wait, not a measurement: a probe that took a slot
         # before them would show as a refused heavy one, and fail the test).
         threading.Event().wait(1.0)
-        decided: list[requests.Response] = []
-        while not any(f.done() for f in running) and len(decided) < 20:
+        probes: list[tuple[float, requests.Response]] = []
+        while not all(f.done() for f in running) and len(probes) < 50:
             probe = api.post("/v1/infer", json=light, headers=key)
-            if not any(f.done() for f in running):
-                decided.append(probe)
+            probes.append((time.monotonic(), probe))
         finished = [f.result() for f in running]
-    if cap == 1 and any(p.status_code == 200 for p in decided):
-        wait_for(  # the slots in flight are given back before the next try
-            lambda: api.post("/v1/infer", json=light, headers=key).status_code,
-            lambda status: status == 200, timeout=30, what="a slot free again",
-        )
-        raise CapNotYetApplied  # a replica's cached key still had the old cap
     assert [r.status_code for r in finished] == [200] * cap, [r.text for r in finished]
-    processing = [r.json()["processing_time"] for r in finished]
-    assert decided, f"no probe while the heavy generations ran ({processing} s): make them heavier"
-    assert {p.status_code for p in decided} == {429}, [p.text for p in decided]
-    for refused in decided:
-        assert f"maximum of {cap} concurrent generations" in refused.json()["error"]["message"]
-        assert refused.headers["Retry-After"] == "1" and refused.headers["X-Cost"] == "0"
-    assert {r.headers["X-Cost"] for r in finished} == {"20"}
-    # The slots came back when the requests ended: the next generation is admitted again.
+    # (processing_time is rounded to 0.1 ms: a millisecond less covers it)
+    surely_held_until = sent_at + min(float(r.json()["processing_time"]) for r in finished) - 0.001
+    decided = [probe for answered_at, probe in probes if answered_at < surely_held_until]
+    # The slots come back when the requests end: the next generation is admitted again.
     wait_for(
         lambda: api.post("/v1/infer", json=light, headers=key).status_code,
         lambda status: status == 200,
         timeout=30,
         what="a slot free again",
     )
+    return decided, finished
 
 
 # --- authentication before the body ---------------------------------------------------------------
