@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -43,7 +44,7 @@ from lib.accounts.records import UsageRecord
 from lib.accounts.wiring import AccountsWiring, build_accounts
 from lib.http.context import RequestContextMiddleware
 from lib.http.errors import install_error_handlers
-from lib.http.gate import GateMiddleware
+from lib.http.gate import BodyGateMiddleware, GateMiddleware, body_limit_for
 from lib.schemas import ErrorBody
 from lib.settings import AppSettings, Secrets, accounts_database_url
 
@@ -51,6 +52,9 @@ log = logging.getLogger("ray.serve")
 # The usage drain gets most of the replica's graceful_shutdown_timeout_s (30 s, set in
 # deployments/app.py), leaving room for the drain of in-flight requests before it.
 USAGE_DRAIN_TIMEOUT_S = 20.0
+# A concurrency slot the ingress never gave back (it died) frees itself this long after the
+# longest a request can wait for its model.
+SLOT_TTL_MARGIN_S = 60.0
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 415, 422, 429, 503, 504)
@@ -79,6 +83,8 @@ class Ingress:
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             limiter=RateLimiterClient(rate_limiter),
+            default_inference_steps=settings.default_inference_steps,
+            slot_ttl_s=settings.request_timeout_s + SLOT_TTL_MARGIN_S,
         )
         self.loader = NodeLoader.for_this_replica(settings)
         self.models = ModelClients(
@@ -139,10 +145,16 @@ def create_api(
         description="Text-to-image and image classification behind one authenticated API.",
         responses=ERROR_RESPONSES,
     )
+    # Added first, so innermost: inside the request context (request id, the global body cap).
+    api.add_middleware(
+        BodyGateMiddleware,
+        authenticate=accounts.gate.authenticate,
+        body_limit=partial(body_limit_for, image_bytes=settings.max_body_bytes),
+    )
     api.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
-        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         expose_headers=["X-Request-ID", *RATE_LIMIT_HEADERS],
     )

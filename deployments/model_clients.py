@@ -91,7 +91,7 @@ class ModelClients:
         result: InferResponse = await self._call(unary(handle.generate.remote(routed)))
         admission.timings["model"] = (time.perf_counter() - started) * 1000
         admission.image_count = len(result.images)
-        metrics.request_cost(admission.principal.subject, len(result.images) * result.num_inference_steps)
+        metrics.request_cost(admission.principal.subject, admission.cost)
         return result
 
     async def resolve_text_to_image(self, id_or_name: str | None) -> ModelInfo:
@@ -159,7 +159,7 @@ class ModelClients:
         if isinstance(outcome, BaseException):
             raise outcome
         admission.image_count = 1
-        metrics.request_cost(admission.principal.subject, 1)
+        metrics.request_cost(admission.principal.subject, admission.cost)
         return outcome
 
     async def _classify_many(

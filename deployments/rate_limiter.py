@@ -4,6 +4,8 @@ Rate limits must hold across every ingress replica, so the counters live in exac
 Serve deployment with a single replica hosting :class:`lib.accounts.rate_limit.SlidingWindowLimiter`,
 bound into the graph by ``build_app`` and handed to the Ingress as a handle. Ingress replicas take
 hits in leases (``lib/accounts/leases.py``), so most admitted requests cost no call here at all.
+The same replica counts the keys' compute budgets (in the same limiter) and their concurrency
+slots (:class:`lib.accounts.concurrency.SharedCompute`; ``lib/accounts/compute.py``).
 
 Its counters are in memory: if the replica restarts, every window starts afresh (the limit is
 briefly more generous, never stricter). More than one replica would split the counters and
@@ -13,13 +15,15 @@ multiply every limit, so the deployment refuses to start as one of several.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.handles import result_within, unary
 from deployments.ray_errors import unwrap
-from lib.accounts.rate_limit import Grant, SlidingWindowLimiter
+from lib.accounts.concurrency import ConcurrencySlots, GenerationGrant, SharedCompute
+from lib.accounts.rate_limit import Grant, RateLimitSpec, SlidingWindowLimiter
 from lib.errors import ConfigurationError, ServiceUnavailableError
 
 log = logging.getLogger("ray.serve")
@@ -40,10 +44,19 @@ class RateLimiter:
                 "each replica would keep its own counters"
             )
         self._limiter = SlidingWindowLimiter()
+        self._compute = SharedCompute(self._limiter, ConcurrencySlots())
 
-    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant:
-        # Runs on the replica's event loop, one call at a time: no thread contends for the lock.
-        return self._limiter.take(key, limit, window_s, count)
+    # Each runs on the replica's event loop, one call at a time: no thread contends for a lock.
+    async def take(self, key: str, limit: int, window_s: int, count: int, minimum: int = 1) -> Grant:
+        return self._limiter.take(key, limit, window_s, count, minimum=minimum)
+
+    async def admit_generation(
+        self, subject: str, budget: RateLimitSpec | None, cost: int, max_concurrent: int, ttl_s: float
+    ) -> GenerationGrant:
+        return self._compute.admit_generation(subject, budget, cost, max_concurrent, ttl_s)
+
+    async def release(self, subject: str, slot: int) -> bool:
+        return self._compute.release(subject, slot)
 
 
 class RateLimiterClient:
@@ -58,14 +71,29 @@ class RateLimiterClient:
         self._handle = handle
         self._timeout_s = timeout_s
 
-    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant:
-        response = unary(self._handle.take.remote(key, limit, window_s, count))
+    async def take(self, key: str, limit: int, window_s: int, count: int, minimum: int = 1) -> Grant:
+        grant: Grant = await self._call(self._handle.take.remote(key, limit, window_s, count, minimum))
+        return grant
+
+    async def admit_generation(
+        self, subject: str, budget: RateLimitSpec | None, cost: int, max_concurrent: int, ttl_s: float
+    ) -> GenerationGrant:
+        """A slot and the cost, or neither; not retried (a timed-out call may have taken both:
+        the slot then frees itself after ``ttl_s``)."""
+        call = self._handle.admit_generation.remote(subject, budget, cost, max_concurrent, ttl_s)
+        grant: GenerationGrant = await self._call(call)
+        return grant
+
+    async def release(self, subject: str, slot: int) -> None:
+        """Give a slot back (idempotent, so a failure is not worse than a slot expiring)."""
+        await self._call(self._handle.release.remote(subject, slot))
+
+    async def _call(self, call: Any) -> Any:
         try:
-            grant: Grant = await result_within(response, self._timeout_s)
+            return await result_within(unary(call), self._timeout_s)
         except TimeoutError:
             log.warning("the rate limiter did not answer within %.1fs", self._timeout_s)
             raise ServiceUnavailableError("the rate limiter is not available; retry") from None
         except Exception as exc:
             log.warning("the rate limiter failed: %s", type(unwrap(exc)).__name__)
             raise ServiceUnavailableError("the rate limiter is not available; retry") from None
-        return grant

@@ -21,6 +21,7 @@ from lib.accounts.schemas import (
     KeyInfo,
     KeyList,
     TokenResponse,
+    UpdateKeyRequest,
     UsageGrouping,
     UsageStatsResponse,
     UsageSummaryResponse,
@@ -79,6 +80,16 @@ async def list_keys(accounts: Accounts, include_revoked: bool = True) -> KeyList
 @router.get("/v1/admin/keys/{key_id}", response_model=KeyInfo, dependencies=ADMIN, summary="One key")
 async def get_key(key_id: KeyId, accounts: Accounts) -> KeyInfo:
     return await asyncio.to_thread(accounts.get_key, key_id)
+
+
+@router.patch(
+    "/v1/admin/keys/{key_id}",
+    response_model=KeyInfo,
+    dependencies=ADMIN,
+    summary="Change a key's rate limit, compute budget or concurrency cap (null: unlimited)",
+)
+async def update_key(key_id: KeyId, body: UpdateKeyRequest, accounts: Accounts) -> KeyInfo:
+    return await asyncio.to_thread(accounts.update_key, key_id, body)
 
 
 @router.delete(

@@ -19,7 +19,7 @@ from deployments.model_loader import NodeLoader
 from lib.accounts.gate import Admission, RequestGate
 from lib.accounts.records import Scope
 from lib.accounts.service import AccountService
-from lib.http.gate import attach_admission
+from lib.http.gate import attach_admission, principal_of
 
 # Names of the collaborators on app.state.
 STATE_GATE = "gate"
@@ -31,7 +31,7 @@ STATE_LOADER = "loader"
 async def admit(request: Request, scope: Scope | None) -> Admission:
     """Authenticate and rate-limit the request, then enforce the limit and ``scope`` (None: any)."""
     gate: RequestGate = getattr(request.app.state, STATE_GATE)
-    admission = await gate.admit(request.headers.get("authorization"))
+    admission = await gate.admit(request.headers.get("authorization"), principal_of(request.scope))
     attach_admission(request.scope, admission)
     admission.require(scope)
     return admission

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from deployments.routes.deps import AdmittedClassify, AdmittedInfer, Models
+from lib.accounts.compute import CLASSIFY_COST
 from lib.http.errors import request_id_of
 from lib.http.sse import EVENT_STREAM, EventStreamResponse, progress_events, wants_event_stream
 from lib.schemas import ClassifyRequest, ClassifyResponse, InferRequest, InferResponse
@@ -32,6 +33,9 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
 async def infer(
     body: InferRequest, admission: AdmittedInfer, models: Models, request: Request, previews: Previews = 0
 ) -> InferResponse | Response:
+    await admission.charge_generation(
+        width=body.width, height=body.height, steps=body.num_inference_steps, images=body.num_images
+    )
     if wants_event_stream(request.headers.get("accept")):
         items = await models.generate_stream(body, admission, previews)
         return EventStreamResponse(progress_events(items, request_id_of(request)))
@@ -40,4 +44,5 @@ async def infer(
 
 @router.post("/v1/classify", response_model=ClassifyResponse)
 async def classify(body: ClassifyRequest, admission: AdmittedClassify, models: Models) -> ClassifyResponse:
+    await admission.charge(CLASSIFY_COST)
     return await models.classify(body, admission)

@@ -85,6 +85,9 @@ async def generate_images(
     request_id = request_id_of(request)
     info = await models.resolve_text_to_image(body.model)
     native = body.to_infer_request(request_id, info.id)
+    await admission.charge_generation(
+        width=native.width, height=native.height, steps=native.num_inference_steps, images=native.num_images
+    )
     if not body.stream:
         return images_response(await models.generate(native, admission))
     items = await models.generate_stream(native, admission, body.partial_images or 0)

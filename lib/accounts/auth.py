@@ -49,6 +49,9 @@ class Principal:
     scopes: frozenset[str]
     method: Literal["api_key", "jwt"]
     rate_limit: RateLimitSpec | None = None
+    # Image-steps per window and generations at once (lib/accounts/compute.py); None: unlimited.
+    budget: RateLimitSpec | None = None
+    max_concurrent: int | None = None
 
 
 class _Claims(Protocol):
@@ -81,6 +84,8 @@ class Authenticator:
         lookup_key: KeyLookup | None = None,
         lookup_key_id: KeyLookup | None = None,
         bootstrap_rate_limit: RateLimitSpec | None = None,
+        bootstrap_budget: RateLimitSpec | None = None,
+        bootstrap_max_concurrent: int | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """``lookup_key``: plaintext key -> its *usable* record, or None (e.g. ``KeyCache.get``).
@@ -91,6 +96,7 @@ class Authenticator:
         self._lookup_key = lookup_key
         self._lookup_key_id = lookup_key_id
         self._bootstrap_rate_limit = bootstrap_rate_limit
+        self._bootstrap_compute = (bootstrap_budget, bootstrap_max_concurrent)
         self._clock = clock
 
     def authenticate(self, authorization: str | None) -> Principal:
@@ -107,11 +113,17 @@ class Authenticator:
         for known in self._bootstrap:
             matched |= hmac.compare_digest(digest, known)
         if matched:
-            return Principal(bootstrap_subject(credential), ALL_SCOPES, "api_key", self._bootstrap_rate_limit)
+            return Principal(
+                bootstrap_subject(credential), ALL_SCOPES, "api_key", self._bootstrap_rate_limit,
+                *self._bootstrap_compute,
+            )
         if self._lookup_key is not None:
             record = self._lookup_key(credential)
             if record is not None:
-                return Principal(record.id, frozenset(record.scopes), "api_key", record.rate_limit_spec)
+                return Principal(
+                    record.id, frozenset(record.scopes), "api_key", record.rate_limit_spec,
+                    *record.compute_limits,
+                )
         metrics.auth_failure("unknown_key")
         raise AuthenticationError(INVALID_CREDENTIALS)
 
@@ -129,8 +141,11 @@ class Authenticator:
             if record is None or not record.is_usable(self._clock()):
                 metrics.auth_failure("unusable_key")
                 raise AuthenticationError(INVALID_CREDENTIALS)
-            return Principal(subject, scopes.intersection(record.scopes), "jwt", record.rate_limit_spec)
-        return Principal(subject, scopes, "jwt", self._bootstrap_rate_limit)
+            return Principal(
+                subject, scopes.intersection(record.scopes), "jwt", record.rate_limit_spec,
+                *record.compute_limits,
+            )
+        return Principal(subject, scopes, "jwt", self._bootstrap_rate_limit, *self._bootstrap_compute)
 
 
 def require_scope(principal: Principal, scope: Scope | str) -> None:

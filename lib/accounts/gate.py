@@ -12,6 +12,11 @@ The rate limit is counted before the scope is checked: a request refused for its
 costs quota, so probing for scopes is limited like any other traffic, and the 403 can carry
 accurate rate-limit headers.
 
+Compute (``lib/accounts/compute.py``) is charged later, by the route, once the body says what the
+request costs: :meth:`Admission.charge_generation` / :meth:`Admission.charge` (429 over the budget
+or the concurrency cap; ``X-Cost`` and ``X-Budget-Remaining`` on the response; the cost in the
+usage record). :meth:`Admission.release` gives a held concurrency slot back when the request ends.
+
 Plain Python: no Ray, no FastAPI. The ASGI side is :mod:`lib.http.gate`.
 """
 
@@ -25,6 +30,7 @@ from datetime import datetime
 from typing import Protocol
 
 from lib.accounts.auth import Authenticator, Principal, require_scope
+from lib.accounts.compute import Charge, ComputeGate, generation_cost, refusal_message
 from lib.accounts.rate_limit import RateDecision
 from lib.accounts.records import Scope, UsageRecord
 from lib.clock import utc_now
@@ -32,7 +38,14 @@ from lib.errors import RateLimitedError
 from lib.observability import metrics
 from lib.ttl_cache import CacheMiss, memory_only
 
-RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
+RATE_LIMIT_HEADERS = (
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Retry-After",
+    "X-Cost",
+    "X-Budget-Remaining",
+)
 # Column widths of usage_records (lib.accounts.tables): longer values are cut, never refused, so
 # that one odd request cannot make a whole usage batch fail.
 _KEY_ID_CHARS = 32
@@ -50,7 +63,8 @@ class RateLimiter(Protocol):
 class Admission:
     """An authenticated request: who, the rate-limit decision (None: unlimited), what it used.
 
-    Routes fill in ``model_id`` and ``image_count`` for the usage record.
+    Routes fill in ``model_id`` and ``image_count`` for the usage record, and charge the
+    request's compute (:meth:`charge_generation`, :meth:`charge`) once its body is parsed.
     """
 
     principal: Principal
@@ -59,6 +73,42 @@ class Admission:
     image_count: int = 0
     # Milliseconds per stage of the request (auth, limit, model), sent back as Server-Timing.
     timings: dict[str, float] = field(default_factory=dict)
+    compute: ComputeGate | None = field(default=None, repr=False)
+    charged: Charge | None = None
+
+    @property
+    def cost(self) -> int:
+        """Image-steps charged to this request (0: none, or refused)."""
+        return self.charged.cost if self.charged is not None else 0
+
+    async def charge_generation(self, *, width: int, height: int, steps: int | None, images: int) -> int:
+        """Charge a generation (``steps`` None: the configured default) and take a concurrency
+        slot; 429 over the budget or the cap, 422 over the whole budget. Returns the cost.
+
+        Every route that runs a generation calls this once, after parsing its body and before
+        starting the work; the slot is held until the request ends (its stream included).
+        """
+        default_steps = self.compute.default_steps if self.compute is not None else 1
+        cost = generation_cost(width=width, height=height, steps=steps or default_steps, images=images)
+        await self.charge(cost, generation=True)
+        return cost
+
+    async def charge(self, cost: int, *, generation: bool = False) -> None:
+        """Charge ``cost`` image-steps against the budget (e.g. ``compute.CLASSIFY_COST``)."""
+        if self.charged is not None:
+            raise RuntimeError("a request is charged once")
+        if self.compute is None:  # no compute gate wired (a test): only the cost is reported
+            self.charged = Charge(cost)
+            return
+        self.charged = await self.compute.charge(self.principal, cost, generation=generation)
+        if self.charged.refused is not None:
+            metrics.over_budget()
+            raise RateLimitedError(refusal_message(self.charged, cost, self.principal))
+
+    def release(self) -> None:
+        """Give a held concurrency slot back (in the background; idempotent)."""
+        if self.compute is not None and self.charged is not None:
+            self.compute.release(self.principal, self.charged)
 
     def server_timing(self, app_ms: float) -> str:
         """The ``Server-Timing`` header value (W3C): each stage, then ``app``, the whole request."""
@@ -83,8 +133,9 @@ class Admission:
         the client's clock need not agree with ours.
         """
         decision = self.decision
+        charged = self.charged.headers() if self.charged is not None else {}
         if decision is None:
-            return {}
+            return charged
         headers = {
             "X-RateLimit-Limit": str(decision.limit),
             "X-RateLimit-Remaining": str(decision.remaining),
@@ -92,7 +143,7 @@ class Admission:
         }
         if not decision.allowed:
             headers["Retry-After"] = str(retry_after_seconds(decision))
-        return headers
+        return {**charged, **headers}
 
 
 def retry_after_seconds(decision: RateDecision) -> int:
@@ -101,29 +152,38 @@ def retry_after_seconds(decision: RateDecision) -> int:
 
 
 class RequestGate:
-    def __init__(self, *, authenticator: Authenticator, limiter: RateLimiter) -> None:
+    def __init__(
+        self, *, authenticator: Authenticator, limiter: RateLimiter, compute: ComputeGate | None = None
+    ) -> None:
         self._authenticator = authenticator
         self._limiter = limiter
+        self._compute = compute
 
-    async def admit(self, authorization: str | None) -> Admission:
-        """Authenticate (401 on failure) and count the request against the caller's limit.
-
-        Authentication is answered from the key caches on the event loop; only a cache miss (a
-        blocking database lookup) goes to a thread. The limiter's own errors (e.g. 503 when it
-        cannot be reached) propagate. The time of each stage is kept in ``Admission.timings``.
-        """
-        started = time.perf_counter()
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller (401 on failure): from the key caches on the event loop; only a cache miss
+        (a blocking database lookup) goes to a thread."""
         try:
             with memory_only():
-                principal = self._authenticator.authenticate(authorization)
+                return self._authenticator.authenticate(authorization)
         except CacheMiss:
-            principal = await asyncio.to_thread(self._authenticator.authenticate, authorization)
+            return await asyncio.to_thread(self._authenticator.authenticate, authorization)
+
+    async def admit(self, authorization: str | None, principal: Principal | None = None) -> Admission:
+        """Authenticate (401 on failure) and count the request against the caller's limit.
+
+        ``principal``: the caller, when already authenticated from the same header (before the
+        body was read: ``lib/http/gate.py``). The limiter's own errors (e.g. 503 when it cannot
+        be reached) propagate. The time of each stage is kept in ``Admission.timings``.
+        """
+        started = time.perf_counter()
+        if principal is None:
+            principal = await self.authenticate(authorization)
         authenticated = time.perf_counter()
         spec = principal.rate_limit
         decision = None
         if spec is not None:
             decision = await self._limiter.hit(principal.subject, spec.limit, spec.window_s)
-        admission = Admission(principal, decision)
+        admission = Admission(principal, decision, compute=self._compute)
         admission.timings["auth"] = (authenticated - started) * 1000
         admission.timings["limit"] = (time.perf_counter() - authenticated) * 1000
         return admission
@@ -147,4 +207,5 @@ def usage_record(
         model_id=model_id,
         image_count=max(0, admission.image_count),
         timestamp=timestamp or utc_now(),
+        cost=admission.cost,
     )

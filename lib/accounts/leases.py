@@ -17,6 +17,13 @@ A denial is remembered until the limiter's ``Retry-After``: no slot can free bef
 repeating the question would only load the limiter (a flood of over-limit requests costs one
 round trip per key per retry interval, not one per request).
 
+Weighted spending. The same leases carry compute budgets (``lib/accounts/compute.py``), where a
+request costs several units (image-steps): ``hit(..., cost=n)`` spends ``n`` tokens at once. When
+the lease holds fewer, the renewal asks the limiter for the rest of the cost as a minimum (all of
+it or nothing: a request is never half charged) and keeps the tokens it still had, so a lease is
+not wasted because the next request is large. A remembered denial refuses only requests at least
+as large as the one denied.
+
 Plain asyncio, no Ray: the shared limiter is any :class:`SharedLimiter`.
 """
 
@@ -47,16 +54,18 @@ MAX_KEYS = 10_000
 class SharedLimiter(Protocol):
     """The application's one limiter (``SlidingWindowLimiter.take``, awaitable)."""
 
-    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant: ...
+    async def take(self, key: str, limit: int, window_s: int, count: int, minimum: int = 1) -> Grant: ...
 
 
 @dataclass
 class _Lease:
     limit: int
     window_s: int
-    tokens: int  # hits granted and not yet spent
+    tokens: int  # units granted and not yet spent
     size: int  # what was asked for
+    need: int  # the least that would do (the request's cost): a denial refuses costs from here up
     granted_at: float
+    oldest_at: float  # when the oldest of its tokens was granted (carried over from an older lease)
     expires_at: float
     decision: RateDecision  # the limiter's answer at grant time
 
@@ -87,21 +96,24 @@ class LeasedLimiter:
         self._locks: dict[str, asyncio.Lock] = {}
         self.round_trips = 0  # calls to the shared limiter, for health and benchmarks
 
-    async def hit(self, key: str, limit: int, window_s: int) -> RateDecision:
-        decision = self._spend(key, limit, window_s)
+    async def hit(self, key: str, limit: int, window_s: int, cost: int = 1) -> RateDecision:
+        """One request costing ``cost`` units (1: a hit of a rate limit) against ``limit``."""
+        if not 1 <= cost <= limit:
+            raise ValueError("cost must be between 1 and the limit")
+        decision = self._spend(key, limit, window_s, cost)
         if decision is not None:
             return decision
         # One renewal per key at a time: the requests that arrive meanwhile spend what it brings.
         async with self._locks.setdefault(key, asyncio.Lock()):
-            decision = self._spend(key, limit, window_s)
+            decision = self._spend(key, limit, window_s, cost)
             if decision is None:
-                await self._renew(key, limit, window_s)
-                decision = self._spend(key, limit, window_s)
-        if decision is None:  # a lease of zero tokens is a denial, remembered by _spend
+                await self._renew(key, limit, window_s, cost)
+                decision = self._spend(key, limit, window_s, cost)
+        if decision is None:  # a lease without the tokens is a denial, remembered by _spend
             raise AssertionError("a renewed lease always answers")  # pragma: no cover
         return decision
 
-    def _spend(self, key: str, limit: int, window_s: int) -> RateDecision | None:
+    def _spend(self, key: str, limit: int, window_s: int, cost: int) -> RateDecision | None:
         """The answer from the live lease, or None when only the shared limiter can answer."""
         now = self._clock()
         lease = self._leases.get(key)
@@ -110,26 +122,34 @@ class LeasedLimiter:
         self._leases.move_to_end(key)
         elapsed = now - lease.granted_at
         reset_after = max(0.0, lease.decision.reset_after_s - elapsed)
-        if lease.tokens > 0:
-            lease.tokens -= 1
+        if lease.tokens >= cost:
+            lease.tokens -= cost
             remaining = lease.decision.remaining + lease.tokens
             return RateDecision(True, limit, remaining, reset_after, 0.0)
-        if not lease.decision.allowed:
+        if not lease.decision.allowed and cost >= lease.need:
             retry_after = max(0.0, lease.decision.retry_after_s - elapsed)
-            return RateDecision(False, limit, 0, reset_after, retry_after)
-        return None  # spent: renew
+            return RateDecision(False, limit, lease.tokens, reset_after, retry_after)
+        return None  # spent, or a smaller request than the one denied: renew
 
-    async def _renew(self, key: str, limit: int, window_s: int) -> None:
+    async def _renew(self, key: str, limit: int, window_s: int, cost: int) -> None:
         previous = self._leases.get(key)
-        size = self._next_size(previous, limit)
-        grant = await self._shared.take(key, limit, window_s, size)
+        now = self._clock()
+        live = previous is not None and previous.fits(limit, window_s, now)
+        # Tokens of a live lease stay spendable (they are counted in the shared log already).
+        carry = previous.tokens if previous is not None and live else 0
+        size = max(cost, self._next_size(previous, limit))
+        grant = await self._shared.take(key, limit, window_s, size - carry, minimum=cost - carry)
         self.round_trips += 1
         now = self._clock()
         decision = grant.decision
-        # A denial lives until a slot frees (the limiter's Retry-After); a lease until its TTL.
+        oldest_at = previous.oldest_at if previous is not None and carry else now
+        # A denial lives until a slot frees (the limiter's Retry-After); a lease until its TTL;
+        # neither beyond half a window after its oldest token was granted (which then expires
+        # from the shared log: spending it later would be more generous than the limit).
         lifetime = self._ttl_s if grant.granted else max(decision.retry_after_s, 0.001)
+        expires_at = min(now + min(lifetime, window_s / 2), oldest_at + window_s / 2)
         self._leases[key] = _Lease(
-            limit, window_s, grant.granted, size, now, now + min(lifetime, window_s / 2), decision
+            limit, window_s, carry + grant.granted, size, cost, now, oldest_at, expires_at, decision
         )
         self._leases.move_to_end(key)
         while len(self._leases) > self._max_keys:
@@ -142,6 +162,7 @@ class LeasedLimiter:
         ceiling = max(1, min(self._max_lease, limit // LEASE_FRACTION))
         if previous is None or not previous.decision.allowed:
             return 1
-        spent_in_time = previous.tokens == 0 and self._clock() < previous.expires_at
+        # Renewed before it expired: the lease ran out (for this request), so the key is busy.
+        spent_in_time = self._clock() < previous.expires_at
         size = previous.size * 2 if spent_in_time else previous.size // 2
         return max(1, min(ceiling, size))

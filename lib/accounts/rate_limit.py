@@ -1,19 +1,22 @@
-"""Rate limit specs ("60/minute") and an exact sliding-window limiter.
+"""Rate limit specs ("60/minute"), compute budget specs ("20000/hour") and an exact sliding-window limiter.
 
-Algorithm: a sliding **log**. For each key the limiter keeps the timestamps of the hits it allowed
-during the last ``window_s`` seconds; a hit is allowed when fewer than ``limit`` of them remain.
-This is exact: at no instant do more than ``limit`` allowed hits fall inside any window of
-``window_s`` seconds, unlike fixed windows (2x bursts at a boundary) or the weighted two-counter
-approximation. The price is memory:
+Algorithm: a sliding **log**. For each key the limiter keeps one entry per grant it made during the
+last ``window_s`` seconds (its time and how many units it granted: a hit of the rate limit, or the
+image-steps of a compute budget) and their running total; a grant is allowed while the total stays
+within ``limit``. This is exact: at no instant do more than ``limit`` granted units fall inside
+any window of ``window_s`` seconds, unlike fixed windows (2x bursts at a boundary) or the weighted
+two-counter approximation. The price is memory:
 
-* per key, at most ``limit`` timestamps (denied hits are not recorded), about 32 bytes each (a
-  boxed float and its ``deque`` slot) plus ~700 bytes of per-key overhead: 1,000 active keys at
-  60/minute is roughly 3 MB; one busy 10,000/day key costs ~320 KB;
-* keys with no hit inside their window hold nothing and are dropped by :meth:`prune`, which ``hit``
-  runs on its own at most every ``prune_interval_s``, so idle keys cost nothing for long.
+* per key, at most one entry per grant still inside the window (denied requests are not
+  recorded), about 70 bytes each (a tuple of a float and an int, and its ``deque`` slot) plus
+  ~700 bytes of per-key overhead: 1,000 active keys at 60/minute is at most roughly 5 MB (much
+  less when replicas take leases of several hits per grant); one grant costs the same whatever
+  its size, so a 20,000/hour budget costs no more than its number of requests;
+* keys with no grant inside their window hold nothing and are dropped by :meth:`prune`, which
+  ``take`` runs on its own at most every ``prune_interval_s``, so idle keys cost nothing for long.
 
-Very large limits (say 1,000,000/day) make the log expensive; such a limit is better expressed as
-a smaller window (700/minute), and :data:`MAX_LIMIT` refuses the extreme ones.
+Very large rate limits (say 1,000,000/day) are better expressed as a smaller window (700/minute),
+and :data:`MAX_LIMIT` refuses the extreme ones; budgets go up to :data:`MAX_BUDGET`.
 
 The class is plain Python so it can be hosted in one Ray actor per application (the limit then holds
 across all ingress replicas); a lock makes it safe for a threaded or async actor.
@@ -21,6 +24,7 @@ across all ingress replicas); a lock makes it safe for a threaded or async actor
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -33,6 +37,8 @@ from lib.errors import ValidationFailedError
 
 WINDOW_SECONDS: dict[str, int] = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 MAX_LIMIT = 100_000
+# A budget counts image-steps, not requests, and costs memory per request, not per unit.
+MAX_BUDGET = 1_000_000_000
 
 _SPEC_PATTERN = re.compile(r"^\s*(\d{1,9})\s*/\s*([a-z]+?)s?\s*$", re.IGNORECASE)
 
@@ -46,7 +52,7 @@ class RateLimitSpec(NamedTuple):
         return f"{self.limit}/{unit}"
 
 
-def parse_rate_limit(spec: str) -> RateLimitSpec:
+def parse_rate_limit(spec: str, *, maximum: int = MAX_LIMIT, what: str = "rate limit") -> RateLimitSpec:
     """Parse ``"N/second|minute|hour|day"`` (a trailing ``s`` and any case are accepted).
 
     Raises :class:`ValidationFailedError` with a message that says what a valid spec looks like.
@@ -54,16 +60,21 @@ def parse_rate_limit(spec: str) -> RateLimitSpec:
     match = _SPEC_PATTERN.match(spec)
     if not match:
         raise ValidationFailedError(
-            f"invalid rate limit {spec[:40]!r}: expected N/second, N/minute, N/hour or N/day"
+            f"invalid {what} {spec[:40]!r}: expected N/second, N/minute, N/hour or N/day"
         )
     limit, unit = int(match.group(1)), match.group(2).lower()
     if unit not in WINDOW_SECONDS:
         raise ValidationFailedError(
-            f"invalid rate limit unit {unit[:20]!r}: expected second, minute, hour or day"
+            f"invalid {what} unit {unit[:20]!r}: expected second, minute, hour or day"
         )
-    if not 1 <= limit <= MAX_LIMIT:
-        raise ValidationFailedError(f"invalid rate limit {limit}: must be between 1 and {MAX_LIMIT}")
+    if not 1 <= limit <= maximum:
+        raise ValidationFailedError(f"invalid {what} {limit}: must be between 1 and {maximum}")
     return RateLimitSpec(limit, WINDOW_SECONDS[unit])
+
+
+def parse_budget(spec: str) -> RateLimitSpec:
+    """A compute budget, ``"N/second|minute|hour|day"`` in image-steps (up to :data:`MAX_BUDGET`)."""
+    return parse_rate_limit(spec, maximum=MAX_BUDGET, what="budget")
 
 
 @dataclass(frozen=True)
@@ -91,17 +102,34 @@ class Grant:
 
 
 class _KeyLog:
-    __slots__ = ("hits", "window_s")
+    __slots__ = ("entries", "total", "window_s")
 
     def __init__(self, window_s: float) -> None:
-        self.hits: deque[float] = deque()
+        self.entries: deque[tuple[float, int]] = deque()  # (granted at, units)
+        self.total = 0
         self.window_s = window_s
 
     def expire(self, now: float) -> None:
         cutoff = now - self.window_s
-        hits = self.hits
-        while hits and hits[0] <= cutoff:
-            hits.popleft()
+        entries = self.entries
+        while entries and entries[0][0] <= cutoff:
+            self.total -= entries.popleft()[1]
+
+    def retry_after(self, limit: int, need: int, now: float) -> float:
+        """Seconds until ``need`` more units fit within ``limit``: the oldest entries that must
+        expire first (more than the oldest one when the limit was lowered, or ``need`` is large);
+        infinite when ``need`` exceeds the limit itself."""
+        excess = self.total + need - limit
+        if excess <= 0:
+            return 0.0
+        if need > limit:
+            return math.inf
+        freed = 0
+        for at, units in self.entries:
+            freed += units
+            if freed >= excess:
+                return max(0.0, at + self.window_s - now)
+        return math.inf  # pragma: no cover - need <= limit always frees within the log
 
 
 class SlidingWindowLimiter:
@@ -128,15 +156,23 @@ class SlidingWindowLimiter:
         return self.take(key, limit, window_s, 1, now).decision
 
     def take(
-        self, key: str, limit: int, window_s: float, count: int, now: float | None = None
+        self,
+        key: str,
+        limit: int,
+        window_s: float,
+        count: int,
+        now: float | None = None,
+        *,
+        minimum: int = 1,
     ) -> Grant:
-        """Count up to ``count`` requests for ``key`` at once: as many as the window still allows.
+        """Count up to ``count`` units for ``key`` at once: as many as the window still allows,
+        but none unless at least ``minimum`` fit (a request's whole cost, never part of it).
 
-        A lease (``lib/accounts/leases.py``) takes several hits in one call and spends them on its
-        replica; they count from now, exactly as if the requests had arrived together.
+        A lease (``lib/accounts/leases.py``) takes several units in one call and spends them on
+        its replica; they count from now, exactly as if the requests had arrived together.
         """
-        if limit < 1 or window_s <= 0 or count < 1:
-            raise ValueError("limit and count must be >= 1 and window_s > 0")
+        if limit < 1 or window_s <= 0 or count < 1 or not 1 <= minimum <= count:
+            raise ValueError("limit and count must be >= 1, minimum in [1, count], window_s > 0")
         if now is None:
             now = self._clock()
         with self._lock:
@@ -147,14 +183,17 @@ class SlidingWindowLimiter:
             # A key's spec can change between hits (the key was edited); the newest one applies.
             log.window_s = window_s
             log.expire(now)
-            hits = log.hits
-            granted = max(0, min(count, limit - len(hits)))
-            hits.extend([now] * granted)
-            remaining = max(0, limit - len(hits))
-            reset_after = max(0.0, hits[-1] + window_s - now) if hits else 0.0
-            # When denied, the hit that must expire before a slot frees is the one at index
-            # len-limit: the oldest, unless the limit was lowered while the log held more.
-            retry_after = 0.0 if granted else max(0.0, hits[len(hits) - limit] + window_s - now)
+            granted = max(0, min(count, limit - log.total))
+            if granted < minimum:
+                granted = 0
+            if granted:
+                log.entries.append((now, granted))
+                log.total += granted
+            remaining = max(0, limit - log.total)
+            reset_after = max(0.0, log.entries[-1][0] + window_s - now) if log.entries else 0.0
+            # A request larger than the whole limit never fits; callers refuse it before asking
+            # (lib/accounts/compute.py), and the decision stays finite for the headers.
+            retry_after = 0.0 if granted else min(log.retry_after(limit, minimum, now), window_s)
             return Grant(granted, RateDecision(granted > 0, limit, remaining, reset_after, retry_after))
 
     def prune(self, now: float | None = None) -> int:
@@ -182,7 +221,7 @@ class SlidingWindowLimiter:
         idle = []
         for key, log in self._logs.items():
             log.expire(now)
-            if not log.hits:
+            if not log.entries:
                 idle.append(key)
         for key in idle:
             del self._logs[key]

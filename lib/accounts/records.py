@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
-from lib.accounts.rate_limit import RateLimitSpec, parse_rate_limit
+from lib.accounts.rate_limit import RateLimitSpec, parse_budget, parse_rate_limit
 from lib.clock import utc_now
 from lib.errors import ValidationFailedError
 
@@ -48,6 +48,35 @@ def parse_scopes(scopes: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(scope for scope in valid if scope in wanted)
 
 
+# The limits of a new key (CLI and admin API) and of a key made before budgets existed:
+# 20,000 image-steps an hour is ~660 generations of 512x512 at 30 steps, or 8 of the most
+# expensive request (4 images, 1024x1024, 150 steps: 2,400 image-steps); two generations at once
+# leave the rest of a replica's capacity to other keys. Documented in docs/accounts.md.
+DEFAULT_BUDGET = "20000/hour"
+DEFAULT_MAX_CONCURRENT = 2
+# Generations at once a key may be given (a cap, not a promise of capacity).
+MAX_CONCURRENT_LIMIT = 1000
+
+
+def normalize_email(email: str) -> str:
+    email = email.strip().lower()
+    local, at, domain = email.partition("@")
+    if not (at and local and "." in domain and len(email) <= 320 and " " not in email):
+        raise ValidationFailedError("the owner must be an email address")
+    return email
+
+
+def valid_budget(budget: str | None) -> str | None:
+    """A budget spec in canonical form ("20000/hour"), or None (unlimited)."""
+    return None if budget is None else str(parse_budget(budget))
+
+
+def valid_max_concurrent(max_concurrent: int | None) -> int | None:
+    if max_concurrent is not None and not 1 <= max_concurrent <= MAX_CONCURRENT_LIMIT:
+        raise ValidationFailedError(f"max_concurrent must be between 1 and {MAX_CONCURRENT_LIMIT}")
+    return max_concurrent
+
+
 def generate_api_key() -> str:
     """A new key: ``ss_`` and 32 random bytes, base64url without padding (46 characters)."""
     random_part = base64.urlsafe_b64encode(secrets.token_bytes(API_KEY_RANDOM_BYTES))
@@ -66,7 +95,11 @@ def looks_like_api_key(candidate: str) -> bool:
 
 @dataclass(frozen=True)
 class KeyRecord:
-    """An API key as stored, without its secret. ``scopes`` are :class:`Scope` values."""
+    """An API key as stored, without its secret. ``scopes`` are :class:`Scope` values.
+
+    ``budget`` (image-steps per window, e.g. ``20000/hour``) and ``max_concurrent`` (generations
+    at once): None means unlimited (``lib/accounts/compute.py``).
+    """
 
     id: str
     prefix: str
@@ -78,10 +111,17 @@ class KeyRecord:
     expires_at: datetime | None = None
     revoked: bool = False
     last_used_at: datetime | None = None
+    budget: str | None = None
+    max_concurrent: int | None = None
 
     @property
     def rate_limit_spec(self) -> RateLimitSpec:
         return parse_rate_limit(self.rate_limit)
+
+    @property
+    def compute_limits(self) -> tuple[RateLimitSpec | None, int | None]:
+        """(budget, max_concurrent) as the gate applies them."""
+        return (parse_budget(self.budget) if self.budget else None), self.max_concurrent
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -112,6 +152,7 @@ class UsageRecord:
     model_id: str | None = None
     image_count: int = 0
     timestamp: datetime = field(default_factory=utc_now)
+    cost: int = 0  # image-steps charged (lib/accounts/compute.py)
 
     def __post_init__(self) -> None:
         if self.timestamp.tzinfo is None:
@@ -133,6 +174,7 @@ class UsageSummary:
     total_images: int
     by_endpoint: Mapping[str, int]
     by_model: Mapping[str, int]
+    total_cost: int = 0  # image-steps charged
 
 
 @dataclass(frozen=True)
@@ -145,3 +187,4 @@ class UsageStat:
     success_rate: float
     avg_response_time_ms: float
     images: int
+    cost: int = 0  # image-steps charged

@@ -11,7 +11,16 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lib.accounts.rate_limit import parse_rate_limit
-from lib.accounts.records import KeyRecord, Scope, UsageStat, UsageSummary
+from lib.accounts.records import (
+    DEFAULT_BUDGET,
+    DEFAULT_MAX_CONCURRENT,
+    MAX_CONCURRENT_LIMIT,
+    KeyRecord,
+    Scope,
+    UsageStat,
+    UsageSummary,
+    valid_budget,
+)
 from lib.accounts.store import UsageGrouping
 from lib.durations import parse_duration
 from lib.errors import ValidationFailedError
@@ -25,6 +34,7 @@ __all__ = [
     "KeyInfo",
     "KeyList",
     "TokenResponse",
+    "UpdateKeyRequest",
     "UsageGroup",
     "UsageGrouping",
     "UsageStatsResponse",
@@ -48,6 +58,29 @@ def _optional_duration(value: str | None) -> str | None:
     return None if value is None else _duration(value)
 
 
+def _rate_limit(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(parse_rate_limit(value))
+    except ValidationFailedError as exc:
+        raise ValueError(exc.message) from None
+
+
+def _budget(value: str | None) -> str | None:
+    try:
+        return valid_budget(value)
+    except ValidationFailedError as exc:
+        raise ValueError(exc.message) from None
+
+
+_BUDGET_DESCRIPTION = (
+    "Compute budget in image-steps per window (one denoising step of one 512x512 image), as "
+    "N/second|minute|hour|day; null: unlimited."
+)
+_MAX_CONCURRENT_DESCRIPTION = "Most generations this key may run at once; null: unlimited."
+
+
 class CreateKeyRequest(_Request):
     """`POST /v1/admin/keys`."""
 
@@ -60,16 +93,40 @@ class CreateKeyRequest(_Request):
         None, max_length=20, description="Lifetime, e.g. 30d, 12h or 2w; absent: never expires."
     )
     owner_email: str | None = Field(None, max_length=320, description="Owner's email address.")
+    budget: str | None = Field(
+        DEFAULT_BUDGET, max_length=40, description=_BUDGET_DESCRIPTION, examples=[DEFAULT_BUDGET]
+    )
+    max_concurrent: int | None = Field(
+        DEFAULT_MAX_CONCURRENT, ge=1, le=MAX_CONCURRENT_LIMIT, description=_MAX_CONCURRENT_DESCRIPTION
+    )
+
+    _valid_rate_limit = field_validator("rate_limit")(_rate_limit)
+    _valid_budget = field_validator("budget")(_budget)
+    _valid_expiry = field_validator("expires_in")(_optional_duration)
+
+
+class UpdateKeyRequest(_Request):
+    """`PATCH /v1/admin/keys/{key_id}`: the fields present are changed (null: unlimited)."""
+
+    rate_limit: str | None = Field(None, max_length=40, description="N/second, N/minute, N/hour or N/day.")
+    budget: str | None = Field(None, max_length=40, description=_BUDGET_DESCRIPTION)
+    max_concurrent: int | None = Field(
+        None, ge=1, le=MAX_CONCURRENT_LIMIT, description=_MAX_CONCURRENT_DESCRIPTION
+    )
+
+    _valid_rate_limit = field_validator("rate_limit")(_rate_limit)
+    _valid_budget = field_validator("budget")(_budget)
 
     @field_validator("rate_limit")
     @classmethod
-    def _valid_rate_limit(cls, value: str) -> str:
-        try:
-            return str(parse_rate_limit(value))
-        except ValidationFailedError as exc:
-            raise ValueError(exc.message) from None
+    def _rate_limit_required(cls, value: str | None) -> str:
+        if value is None:  # every key has a rate limit
+            raise ValueError("a key's rate limit cannot be removed")
+        return value
 
-    _valid_expiry = field_validator("expires_in")(_optional_duration)
+    def changes(self) -> dict[str, str | int | None]:
+        """The fields the request names, with their new values."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
 
 
 class KeyInfo(BaseModel):
@@ -85,6 +142,8 @@ class KeyInfo(BaseModel):
     revoked: bool
     last_used_at: datetime | None
     owner_email: str | None
+    budget: str | None = Field(None, description="Image-steps per window; null: unlimited.")
+    max_concurrent: int | None = Field(None, description="Generations at once; null: unlimited.")
 
     @classmethod
     def from_record(cls, record: KeyRecord) -> KeyInfo:
@@ -94,6 +153,8 @@ class KeyInfo(BaseModel):
             name=record.name,
             scopes=list(record.scopes),
             rate_limit=record.rate_limit,
+            budget=record.budget,
+            max_concurrent=record.max_concurrent,
             created_at=record.created_at,
             expires_at=record.expires_at,
             revoked=record.revoked,
@@ -122,6 +183,7 @@ class UsageSummaryResponse(BaseModel):
     success_rate: float
     avg_response_time_ms: float
     total_images: int
+    total_cost: int = Field(description="Image-steps charged to the compute budget.")
     by_endpoint: dict[str, int] = Field(description="Requests per `METHOD /route`.")
     by_model: dict[str, int] = Field(description="Requests per model id (requests naming a model).")
 
@@ -137,6 +199,7 @@ class UsageSummaryResponse(BaseModel):
             success_rate=summary.success_rate,
             avg_response_time_ms=summary.avg_response_time_ms,
             total_images=summary.total_images,
+            total_cost=summary.total_cost,
             by_endpoint=dict(summary.by_endpoint),
             by_model=dict(summary.by_model),
         )
@@ -149,6 +212,7 @@ class UsageGroup(BaseModel):
     success_rate: float
     avg_response_time_ms: float
     images: int
+    cost: int = Field(description="Image-steps charged to the compute budget.")
 
     @classmethod
     def from_stat(cls, stat: UsageStat) -> UsageGroup:
@@ -159,6 +223,7 @@ class UsageGroup(BaseModel):
             success_rate=stat.success_rate,
             avg_response_time_ms=stat.avg_response_time_ms,
             images=stat.images,
+            cost=stat.cost,
         )
 
 

@@ -19,6 +19,7 @@ from lib.accounts.schemas import (
     KeyInfo,
     KeyList,
     TokenResponse,
+    UpdateKeyRequest,
     UsageGroup,
     UsageGrouping,
     UsageStatsResponse,
@@ -75,6 +76,8 @@ class AccountService:
             request.rate_limit,
             expires_at=expires_at,
             owner_email=request.owner_email,
+            budget=request.budget,
+            max_concurrent=request.max_concurrent,
         )
         info = KeyInfo.from_record(created.record)
         return CreatedKeyResponse(**info.model_dump(), key=created.key)
@@ -87,6 +90,13 @@ class AccountService:
         record = self._store.get_key(key_id)
         if record is None:
             raise NotFoundError(f"no API key with id {key_id[:40]!r}")
+        return KeyInfo.from_record(record)
+
+    def update_key(self, key_id: str, request: UpdateKeyRequest) -> KeyInfo:
+        """Change a key's limits; every replica applies them within the key cache TTL (this one
+        at once, for the tokens of the key)."""
+        record = self._store.update_key(key_id, **request.changes())  # type: ignore[arg-type]
+        self._on_revoked(key_id)
         return KeyInfo.from_record(record)
 
     def revoke_key(self, key_id: str) -> KeyInfo:

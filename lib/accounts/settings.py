@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from lib.accounts.rate_limit import RateLimitSpec, parse_rate_limit
+from lib.accounts.rate_limit import RateLimitSpec, parse_budget, parse_rate_limit
 from lib.errors import ValidationFailedError
 
 
@@ -68,6 +68,30 @@ class AccountsSettings(BaseModel):
         "responses carry no X-RateLimit-* headers.",
     )
 
+    bootstrap_budget: str | None = Field(
+        default=None,
+        description="Compute budget of the bootstrap keys and of tokens whose subject is no stored "
+        "key, in image-steps per window (N/second|minute|hour|day); null: unlimited. Stored keys "
+        "carry their own (sealserve keys create --budget).",
+    )
+    bootstrap_max_concurrent: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Most generations the bootstrap keys may run at once, across the application; "
+        "null: unlimited.",
+    )
+
+    @field_validator("bootstrap_budget")
+    @classmethod
+    def _valid_budget(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(parse_budget(value))
+        except ValidationFailedError as exc:
+            raise ValueError(exc.message) from None
+
     @field_validator("bootstrap_rate_limit")
     @classmethod
     def _valid_rate_limit(cls, value: str | None) -> str | None:
@@ -82,3 +106,7 @@ class AccountsSettings(BaseModel):
     def bootstrap_rate_limit_spec(self) -> RateLimitSpec | None:
         return parse_rate_limit(self.bootstrap_rate_limit) if self.bootstrap_rate_limit else None
 
+
+    @property
+    def bootstrap_budget_spec(self) -> RateLimitSpec | None:
+        return parse_budget(self.bootstrap_budget) if self.bootstrap_budget else None

@@ -27,10 +27,9 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
-    text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lib.accounts.rate_limit import parse_rate_limit
@@ -45,9 +44,12 @@ from lib.accounts.records import (
     generate_api_key,
     hash_api_key,
     looks_like_api_key,
+    normalize_email,
     parse_scopes,
+    valid_budget,
+    valid_max_concurrent,
 )
-from lib.accounts.tables import AccountsBase, ApiKeyRow, UsageRow, UserRow
+from lib.accounts.tables import ApiKeyRow, UsageRow, UserRow, create_schema
 from lib.clock import utc_now
 from lib.db import create_database_engine, database_errors, redact_url
 from lib.errors import NotFoundError, ValidationFailedError
@@ -70,10 +72,8 @@ DATABASE = "accounts"
 
 UsageGrouping = Literal["key", "endpoint", "model", "day"]
 
-# Any constant works, as long as every sealserve process uses the same one.
-_SCHEMA_LOCK_ID = 0x5EA15E7E
-
-
+# ``update_key``'s marker for "leave this field as it is" (None means "unlimited").
+UNCHANGED: Any = object()
 
 
 class AccountStore:
@@ -84,7 +84,9 @@ class AccountStore:
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._clock = clock
         with database_errors(DATABASE, "create the schema"):
-            self._create_schema()
+            added = create_schema(self._engine)
+        if added:
+            log.info("accounts schema upgraded: added %s", ", ".join(added))
         log.debug("accounts store ready at %s", redact_url(url))
 
     def close(self) -> None:
@@ -105,8 +107,14 @@ class AccountStore:
         rate_limit: str,
         expires_at: datetime | None = None,
         owner_email: str | None = None,
+        *,
+        budget: str | None = None,
+        max_concurrent: int | None = None,
     ) -> CreatedKey:
-        """Create a key and return its plaintext, which is not stored and cannot be shown again."""
+        """Create a key and return its plaintext, which is not stored and cannot be shown again.
+
+        ``budget`` (image-steps per window) and ``max_concurrent``: None is unlimited.
+        """
         name = name.strip()
         if not 1 <= len(name) <= 200:
             raise ValidationFailedError("a key name must be 1 to 200 characters")
@@ -117,7 +125,9 @@ class AccountStore:
                 raise ValidationFailedError("expires_at must be timezone-aware")
             if expires_at <= self._clock():
                 raise ValidationFailedError("expires_at must be in the future")
-        email = _normalize_email(owner_email) if owner_email is not None else None
+        email = normalize_email(owner_email) if owner_email is not None else None
+        budget = valid_budget(budget)
+        max_concurrent = valid_max_concurrent(max_concurrent)
 
         plaintext = generate_api_key()
         row = ApiKeyRow(
@@ -130,6 +140,8 @@ class AccountStore:
             expires_at=expires_at,
             revoked=False,
             created_at=self._clock(),
+            budget=budget,
+            max_concurrent=max_concurrent,
         )
         with database_errors(DATABASE, "create a key"), self._sessions.begin() as session:
             if email is not None:
@@ -162,6 +174,31 @@ class AccountStore:
         log.info("revoked API key id=%s", key_id)
         record = self.get_key(key_id)
         assert record is not None
+        return record
+
+    def update_key(
+        self,
+        key_id: str,
+        *,
+        rate_limit: str = UNCHANGED,
+        budget: str | None = UNCHANGED,
+        max_concurrent: int | None = UNCHANGED,
+    ) -> KeyRecord:
+        """Change a key's limits (None: unlimited; :data:`UNCHANGED`: as it is). 404 for no key."""
+        values: dict[str, Any] = {}
+        if rate_limit is not UNCHANGED:
+            values["rate_limit"] = str(parse_rate_limit(rate_limit))
+        if budget is not UNCHANGED:
+            values["budget"] = valid_budget(budget)
+        if max_concurrent is not UNCHANGED:
+            values["max_concurrent"] = valid_max_concurrent(max_concurrent)
+        if values:
+            with database_errors(DATABASE, "update a key"), self._sessions.begin() as session:
+                session.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(**values))
+            log.info("updated API key id=%s: %s", key_id, ", ".join(sorted(values)))
+        record = self.get_key(key_id)
+        if record is None:
+            raise NotFoundError(f"no API key with id {key_id[:40]!r}")
         return record
 
     def lookup_key(self, plaintext: str) -> KeyRecord | None:
@@ -199,6 +236,7 @@ class AccountStore:
                 "latency_ms": r.latency_ms,
                 "image_count": r.image_count,
                 "timestamp": r.timestamp,
+                "cost": r.cost,
             }
             for r in records
         ]
@@ -228,7 +266,7 @@ class AccountStore:
             .group_by(UsageRow.model_id)
         )
         with database_errors(DATABASE, "summarize usage"), self._sessions() as session:
-            requests, successes, avg_ms, images = session.execute(totals).one()
+            requests, successes, avg_ms, images, cost = session.execute(totals).one()
             endpoints = {str(e): int(n) for e, n in session.execute(by_endpoint)}
             models = {str(m): int(n) for m, n in session.execute(by_model)}
         requests, successes = int(requests or 0), int(successes or 0)
@@ -240,6 +278,7 @@ class AccountStore:
             total_images=int(images or 0),
             by_endpoint=dict(sorted(endpoints.items())),
             by_model=dict(sorted(models.items())),
+            total_cost=int(cost or 0),
         )
 
     def usage_stats(self, by: UsageGrouping, since: datetime | None = None) -> list[UsageStat]:
@@ -256,8 +295,9 @@ class AccountStore:
                 success_rate=int(successes or 0) / int(requests) if requests else 0.0,
                 avg_response_time_ms=float(avg_ms or 0.0),
                 images=int(images or 0),
+                cost=int(cost or 0),
             )
-            for label, requests, successes, avg_ms, images in rows
+            for label, requests, successes, avg_ms, images, cost in rows
         ]
         return sorted(stats, key=lambda s: (s.group is None, s.group or ""))
 
@@ -273,20 +313,6 @@ class AccountStore:
         return deleted
 
     # -- internals -------------------------------------------------------------------------------
-
-    def _create_schema(self) -> None:
-        # Replicas start together; on PostgreSQL a transaction-scoped advisory lock serialises
-        # their CREATE TABLEs. SQLite has no such lock, so a loser of the race just checks again.
-        for attempt in (1, 2):
-            try:
-                with self._engine.begin() as conn:
-                    if conn.dialect.name == "postgresql":
-                        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
-                    AccountsBase.metadata.create_all(conn)
-                return
-            except OperationalError as exc:
-                if attempt == 2 or "already exists" not in str(exc.orig):
-                    raise
 
     @staticmethod
     def _keys_query() -> Select[ApiKeyRow, str]:
@@ -346,15 +372,8 @@ def _aggregates() -> tuple[ColumnElement[Any], ...]:
         func.sum(case((UsageRow.status_code < 400, 1), else_=0)),
         func.avg(UsageRow.latency_ms),
         func.sum(UsageRow.image_count),
+        func.sum(UsageRow.cost),
     )
-
-
-def _normalize_email(email: str) -> str:
-    email = email.strip().lower()
-    local, at, domain = email.partition("@")
-    if not (at and local and "." in domain and len(email) <= 320 and " " not in email):
-        raise ValidationFailedError("the owner must be an email address")
-    return email
 
 
 def _key_record(row: ApiKeyRow, owner_email: str | None) -> KeyRecord:
@@ -369,4 +388,7 @@ def _key_record(row: ApiKeyRow, owner_email: str | None) -> KeyRecord:
         expires_at=row.expires_at,
         revoked=bool(row.revoked),
         last_used_at=row.last_used_at,
+        budget=row.budget,
+        max_concurrent=row.max_concurrent,
     )
+

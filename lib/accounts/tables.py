@@ -2,18 +2,39 @@
 
 Rows never leave :mod:`lib.accounts.store`; callers get frozen records instead (picklable across Ray, and
 no lazy loads from a closed session).
+
+Schema changes: a new table is created by ``create_all``; a column added to an existing table is
+listed in :data:`ADDED_COLUMNS` and added by :func:`add_missing_columns` (``ALTER TABLE ... ADD
+COLUMN``, the same statement on SQLite and PostgreSQL), with the value existing rows get.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    inspect,
+    text,
+)
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, mapped_column
 
+from lib.accounts.records import DEFAULT_BUDGET, DEFAULT_MAX_CONCURRENT
 from lib.clock import utc_now
 from lib.db import UtcBase
 
+# Any constant works, as long as every sealserve process uses the same one.
+_SCHEMA_LOCK_ID = 0x5EA15E7E
 # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias), not a BIGINT one.
 _AUTO_ID = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -50,6 +71,9 @@ class ApiKeyRow(AccountsBase):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     last_used_at: Mapped[datetime | None]
+    # Image-steps per window ("20000/hour") and generations at once; NULL: unlimited.
+    budget: Mapped[str | None] = mapped_column(String(40))
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
 
 
 class UsageRow(AccountsBase):
@@ -69,3 +93,48 @@ class UsageRow(AccountsBase):
     latency_ms: Mapped[float] = mapped_column(Float)
     image_count: Mapped[int] = mapped_column(Integer, default=0)
     timestamp: Mapped[datetime]
+    cost: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+
+# Columns added after their table first shipped: (table, column, SQL type and constraints, the
+# value existing rows get as a SQL literal, or None to leave them NULL). Keys that predate
+# budgets get the defaults of a new key (lib/accounts/compute.py): no key stays unbounded by
+# accident of its age; an administrator can lift a limit (PATCH /v1/admin/keys/{id}).
+ADDED_COLUMNS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("api_keys", "budget", "VARCHAR(40)", f"'{DEFAULT_BUDGET}'"),
+    ("api_keys", "max_concurrent", "INTEGER", str(DEFAULT_MAX_CONCURRENT)),
+    ("usage_records", "cost", "INTEGER NOT NULL DEFAULT 0", None),
+)
+
+
+def add_missing_columns(conn: Connection) -> list[str]:
+    """Add the :data:`ADDED_COLUMNS` a database made by an older version lacks; returns them."""
+    inspector = inspect(conn)
+    added = []
+    for table, column, ddl, existing_value in ADDED_COLUMNS:
+        if column in {c["name"] for c in inspector.get_columns(table)}:
+            continue
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+        if existing_value is not None:
+            # Constants of ADDED_COLUMNS only, never input.
+            conn.execute(text(f"UPDATE {table} SET {column} = {existing_value}"))  # noqa: S608
+        added.append(f"{table}.{column}")
+    return added
+
+
+def create_schema(engine: Engine) -> list[str]:
+    """Create the tables, then add the columns an older database lacks; returns those added."""
+    # Replicas start together; on PostgreSQL a transaction-scoped advisory lock serialises
+    # their DDL. SQLite has no such lock, so a loser of the race just checks again.
+    for attempt in (1, 2):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
+                AccountsBase.metadata.create_all(conn)
+                return add_missing_columns(conn)
+        except OperationalError as exc:
+            message = str(exc.orig)
+            if attempt == 2 or not ("already exists" in message or "duplicate column" in message):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover

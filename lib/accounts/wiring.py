@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lib.accounts.auth import Authenticator
+from lib.accounts.compute import ComputeGate, SharedCompute
 from lib.accounts.gate import RequestGate
 from lib.accounts.key_cache import KeyCache
-from lib.accounts.leases import LeasedLimiter, SharedLimiter
+from lib.accounts.leases import LeasedLimiter
 from lib.accounts.records import KeyRecord
 from lib.accounts.service import AccountService
 from lib.accounts.settings import AccountsSettings
@@ -65,14 +66,19 @@ def build_accounts(
     bootstrap_keys: Sequence[str],
     issuer: str,
     audience: str,
-    limiter: SharedLimiter,
+    limiter: SharedCompute,
+    default_inference_steps: int = 30,
+    slot_ttl_s: float = 360.0,
 ) -> AccountsWiring:
     """The account collaborators for ``settings``, reading and writing the database at ``database_url``.
 
     ``secret_key`` signs and verifies the JWTs (``issuer`` / ``audience``); ``bootstrap_keys`` are
     the plaintext keys accepted without a database row; ``limiter`` is the application's one
-    shared rate limiter, taken from in leases (``lib/accounts/leases.py``). The store is closed
-    again if anything after it fails.
+    shared rate limiter, taken from in leases (``lib/accounts/leases.py``), which also counts the
+    compute budgets and concurrency slots (``lib/accounts/compute.py``: a generation's cost uses
+    ``default_inference_steps`` when the request names none; a slot not given back frees itself
+    after ``slot_ttl_s``, longer than any request). The store is closed again if anything after
+    it fails.
     """
     store = AccountStore(database_url)
     try:
@@ -97,8 +103,11 @@ def build_accounts(
                 lookup_key=keys.get,
                 lookup_key_id=key_ids.get,
                 bootstrap_rate_limit=settings.bootstrap_rate_limit_spec,
+                bootstrap_budget=settings.bootstrap_budget_spec,
+                bootstrap_max_concurrent=settings.bootstrap_max_concurrent,
             ),
             limiter=LeasedLimiter(limiter),
+            compute=ComputeGate(limiter, default_steps=default_inference_steps, slot_ttl_s=slot_ttl_s),
         )
         service = AccountService(store, tokens, on_revoked=key_ids.invalidate)
         usage = UsageRecorder(

@@ -1,4 +1,12 @@
-"""ASGI middleware: the rate-limit headers and the usage record of every admitted request.
+"""ASGI middleware: authentication before the body, per-route body caps, and the rate-limit headers
+and usage record of every admitted request.
+
+:class:`BodyGateMiddleware` runs first for a request that carries a body (POST, PUT, PATCH): it
+authenticates the ``Authorization`` header before a byte of the body is read (an anonymous or
+badly authenticated request is answered 401 at once, whatever it was about to send), then caps
+the body by its route (:func:`body_limit_for`), by Content-Length up front and by counting while
+it streams (413). The principal it found is kept in the request state, so the route's admission
+(``deployments/routes/deps.py``) does not authenticate twice.
 
 The route's auth dependency stores its :class:`lib.accounts.gate.Admission` in the request state
 (:func:`attach_admission`); from then on this middleware adds the admission's ``X-RateLimit-*`` /
@@ -17,19 +25,96 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from lib.accounts.auth import Principal
 from lib.accounts.gate import Admission, usage_record
 from lib.accounts.records import UsageRecord
+from lib.errors import BadRequestError, PayloadTooLargeError, SealserveError
 from lib.http.asgi import ASGIApp, AsgiScope, Message, Receive, Send
+from lib.http.errors import sealserve_error_response
 from lib.observability import metrics
 
 ADMISSION_STATE_KEY = "admission"
+PRINCIPAL_STATE_KEY = "principal"
+# The body cap of every route but the image routes: an inference request, a token exchange or an
+# admin call is a few hundred bytes of JSON (a 1000-character prompt, twice, is 2 KB escaped at
+# worst 12 KB); 64 KiB leaves room without letting a body weigh on the ingress's memory.
+SMALL_BODY_BYTES = 64 * 1024
+# Routes whose body carries an image, capped by the configured image size instead.
+IMAGE_BODY_PATHS = frozenset({"/v1/classify"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Where an admitted request's time went (auth, limit, model, app), for clients and benchmarks.
 SERVER_TIMING_HEADER = "Server-Timing"
 
 log = logging.getLogger(__name__)
+
+
+def body_limit_for(path: str, *, image_bytes: int) -> int:
+    """The most bytes a request body to ``path`` may have."""
+    return image_bytes if path.rstrip("/") in IMAGE_BODY_PATHS else min(SMALL_BODY_BYTES, image_bytes)
+
+
+def principal_of(scope: AsgiScope) -> Principal | None:
+    found = scope.get("state", {}).get(PRINCIPAL_STATE_KEY)
+    return found if isinstance(found, Principal) else None
+
+
+class BodyGateMiddleware:
+    """Authentication before the body, and the body's cap by route (see the module docstring).
+
+    Sits inside the request-context middleware (whose request id the errors carry, and whose
+    global cap answers first) and outside the routes. ``authenticate`` is
+    ``RequestGate.authenticate``; ``body_limit(path)`` the cap of a route.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        authenticate: Callable[[str | None], Awaitable[Principal]],
+        body_limit: Callable[[str], int],
+    ) -> None:
+        self.app = app
+        self._authenticate = authenticate
+        self._body_limit = body_limit
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = {bytes(name).lower(): bytes(value) for name, value in scope.get("headers", [])}
+        limit = self._body_limit(str(scope.get("path", "")))
+        try:
+            authorization = headers.get(b"authorization")
+            principal = await self._authenticate(authorization.decode("latin-1") if authorization else None)
+            length = headers.get(b"content-length")
+            if length is not None and not length.isdigit():
+                raise BadRequestError("Content-Length is not a number")
+            if length is not None and int(length) > limit:
+                raise PayloadTooLargeError(f"request body exceeds {limit} bytes for this route")
+        except SealserveError as exc:
+            request_id = str(scope.get("state", {}).get("request_id") or "-")
+            await sealserve_error_response(exc, request_id)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[PRINCIPAL_STATE_KEY] = principal
+        await self.app(scope, _capped(receive, limit), send)
+
+
+def _capped(receive: Receive, limit: int) -> Receive:
+    received = 0
+
+    async def capped_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLargeError(f"request body exceeds {limit} bytes for this route")
+        return message
+
+    return capped_receive
 
 
 def attach_admission(scope: AsgiScope, admission: Admission) -> None:
@@ -88,6 +173,9 @@ class GateMiddleware:
             metrics.request(endpoint_of(scope), status or 500)
             admission = admission_of(scope)
             if admission is not None:
+                # The request is over (its stream too, or the client went away): a concurrency
+                # slot it held is given back (lib/accounts/compute.py).
+                admission.release()
                 self._record_usage(scope, admission, status or 500, started)
 
     def _record_usage(self, scope: AsgiScope, admission: Admission, status: int, started: float) -> None:

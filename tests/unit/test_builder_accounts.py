@@ -34,7 +34,7 @@ class CountingLimiter:
     def __init__(self) -> None:
         self.hits: list[tuple[str, int, int]] = []
 
-    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant:
+    async def take(self, key: str, limit: int, window_s: int, count: int, minimum: int = 1) -> Grant:
         # Limits of 10 and 5 per minute lease one hit at a time (lib/accounts/leases.py).
         assert count == 1
         self.hits.append((key, limit, window_s))

@@ -155,3 +155,87 @@ def test_encode_png_round_trip(mode: str) -> None:
         assert reopened.mode == mode
         assert reopened.tobytes() == original.tobytes()
     assert decode_image(text, max_pixels=LIMIT).tobytes() == original.convert("RGB").tobytes()
+
+
+# --- hostile input: every step bounded ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "data:image/png" + ";" * 2_000_000 + "," + "A" * 8,  # the header never ends in its prefix
+        "data:image/png;;;base64," + b64(encoded(picture(), "PNG")),  # empty parameters
+        "data:" + "i" * 300 + "/png;base64,AAAA",
+    ],
+    ids=["semicolons", "empty-parameters", "long-media-type"],
+)
+def test_a_hostile_data_url_header_is_refused_from_its_prefix(data: str) -> None:
+    with pytest.raises((InvalidImageError, UnsupportedMediaTypeError)) as caught:
+        decode_image(data, max_pixels=LIMIT)
+    assert "base64" not in caught.value.message  # refused for its header, never decoded
+
+
+def test_the_header_is_only_looked_for_in_the_prefix() -> None:
+    payload = b64(encoded(picture(), "PNG"))
+    padded = "data:image/png;" + "x=1;" * 70 + "base64,"  # 300 characters: past the prefix
+    with pytest.raises(InvalidImageError, match="first 256 characters"):
+        decode_image(padded + payload, max_pixels=LIMIT)
+    assert decode_image("data:image/png;name=a.png;base64," + payload, max_pixels=LIMIT).size == (12, 8)
+
+
+def test_the_field_is_capped_before_anything_else() -> None:
+    with pytest.raises(PayloadTooLargeError, match="exceeds 1000 characters"):
+        decode_image("A" * 1001, max_pixels=LIMIT, max_chars=1000)
+
+
+def test_only_accepted_formats_are_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[object] = []
+    original = Image.open
+
+    def spy(fp: object, mode: str = "r", formats: object = None) -> Image.Image:
+        opened.append(formats)
+        return original(fp, mode, formats)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", spy)
+    decode_image(b64(encoded(picture(), "PNG")), max_pixels=LIMIT)
+    assert opened == [["BMP", "GIF", "JPEG", "PNG", "WEBP"]]
+    with pytest.raises(UnsupportedMediaTypeError, match="TIFF"):
+        decode_image(b64(encoded(picture(), "TIFF")), max_pixels=LIMIT)
+
+
+def test_a_small_file_claiming_many_pixels_is_413_before_decoding() -> None:
+    bomb = png_header_only(4097, 4096)
+    assert len(bomb) < 100
+    with pytest.raises(PayloadTooLargeError, match="4097x4096"):
+        decode_image(b64(bomb), max_pixels=LIMIT)
+
+
+def test_decodes_run_at_most_two_at_once() -> None:
+    import threading
+
+    import lib.models.imaging as imaging
+
+    running, peak = 0, 0
+    lock = threading.Lock()
+    original = imaging.base64.b64decode
+
+    def slow_decode(data: str, validate: bool = False) -> bytes:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        threading.Event().wait(0.05)
+        with lock:
+            running -= 1
+        return original(data, validate=validate)
+
+    image = b64(encoded(picture(), "PNG"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(imaging.base64, "b64decode", slow_decode)
+        threads = [threading.Thread(target=decode_image, args=(image,), kwargs={"max_pixels": LIMIT})
+                   for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert peak == imaging.MAX_CONCURRENT_DECODES == 2

@@ -76,7 +76,32 @@ def test_list_shows_keys_without_secrets(capsys: pytest.CaptureFixture[str], db_
     assert hashlib.sha256(key.encode()).hexdigest() not in out
     assert key[10:20] not in out
     assert key[:10] in out and "ci bot" in out and "infer,classify" in out and "never" in out
-    assert out.splitlines()[0].split() == ["ID", "PREFIX", "NAME", "SCOPES", "LIMIT", "EXPIRES", "REVOKED"]
+    assert out.splitlines()[0].split() == [
+        "ID", "PREFIX", "NAME", "SCOPES", "LIMIT", "BUDGET", "CONCURRENT", "EXPIRES", "REVOKED",
+    ]
+    assert out.splitlines()[1].split()[6:8] == ["20000/hour", "2"]  # a new key's defaults ("ci bot")
+
+
+def test_keys_are_created_and_updated_with_compute_limits(
+    capsys: pytest.CaptureFixture[str], db_url: str, store: AccountStore
+) -> None:
+    code, out, _ = run(
+        capsys, "keys", "create", "--name", "gen", "--scopes", "infer", "--rate-limit", "60/minute",
+        "--budget", "500/minute", "--max-concurrent", "3", "--database-url", db_url,
+    )
+    assert code == 0 and "500/minute image-steps" in out
+    key_id = next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("id:"))
+    code, out, _ = run(
+        capsys, "keys", "update", key_id, "--budget", "none", "--max-concurrent", "1",
+        "--database-url", db_url,
+    )
+    assert code == 0
+    record = store.get_key(key_id)
+    assert record is not None and (record.budget, record.max_concurrent) == (None, 1)
+    code, _, err = run(capsys, "keys", "update", key_id, "--max-concurrent", "two", "--database-url", db_url)
+    assert code != 0 and "must be a number" in err
+    code, _, err = run(capsys, "keys", "update", key_id, "--database-url", db_url)
+    assert code != 0 and "nothing to change" in err
 
 
 def test_revoke_then_list_shows_it_revoked(

@@ -26,11 +26,11 @@ class Shared:
         self.calls: list[tuple[str, int]] = []
         self.delay_s = delay_s
 
-    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant:
+    async def take(self, key: str, limit: int, window_s: int, count: int, minimum: int = 1) -> Grant:
         self.calls.append((key, count))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        return self.limiter.take(key, limit, window_s, count)
+        return self.limiter.take(key, limit, window_s, count, minimum=minimum)
 
 
 def run_hits(limiter: LeasedLimiter, n: int, limit: int, window_s: int = 60, key: str = "k") -> list[bool]:

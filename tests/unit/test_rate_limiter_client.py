@@ -53,7 +53,7 @@ def hit(handle: FakeHandle, timeout_s: float = 1.0) -> Grant:
 def test_the_decision_comes_back() -> None:
     handle = FakeHandle(FakeResponse(DECISION))
     assert hit(handle) == DECISION
-    assert handle.calls == [("k1", 5, 60, 1)]
+    assert handle.calls == [("k1", 5, 60, 1, 1)]  # one unit, at least one
 
 
 def test_a_slow_limiter_is_503_and_the_call_is_cancelled() -> None:

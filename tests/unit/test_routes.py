@@ -20,7 +20,8 @@ from sqlalchemy import text
 from deployments.ingress import create_api
 from deployments.model_clients import ModelClients
 from lib.accounts.auth import bootstrap_subject
-from lib.accounts.rate_limit import Grant, SlidingWindowLimiter
+from lib.accounts.concurrency import ConcurrencySlots, GenerationGrant, SharedCompute
+from lib.accounts.rate_limit import Grant, RateLimitSpec, SlidingWindowLimiter
 from lib.accounts.settings import AccountsSettings
 from lib.accounts.wiring import AccountsWiring, build_accounts
 from lib.errors import ModelNotFoundError
@@ -40,13 +41,22 @@ RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset
 
 
 class LocalLimiter:
-    """The application's shared limiter, in process."""
+    """The application's shared limiter (rate limits, budgets, concurrency slots), in process."""
 
     def __init__(self) -> None:
         self._limiter = SlidingWindowLimiter()
+        self.compute = SharedCompute(self._limiter, ConcurrencySlots())
 
-    async def take(self, key: str, limit: int, window_s: int, count: int) -> Grant:
-        return self._limiter.take(key, limit, window_s, count)
+    async def take(self, key: str, limit: int, window_s: int, count: int, minimum: int = 1) -> Grant:
+        return self._limiter.take(key, limit, window_s, count, minimum=minimum)
+
+    async def admit_generation(
+        self, subject: str, budget: RateLimitSpec | None, cost: int, max_concurrent: int, ttl_s: float
+    ) -> GenerationGrant:
+        return self.compute.admit_generation(subject, budget, cost, max_concurrent, ttl_s)
+
+    async def release(self, subject: str, slot: int) -> None:
+        self.compute.release(subject, slot)
 
 
 @dataclass
@@ -289,3 +299,111 @@ def test_admin_routes_need_the_admin_scope(ingress: Ingress) -> None:
     assert summary.status_code == 200
     cleanup = ingress.client.post("/v1/admin/usage/cleanup", json={"older_than": "30d"}, headers=bearer())
     assert cleanup.status_code == 200 and cleanup.json()["older_than"] == "30d"
+
+
+def test_compute_is_charged_reported_refused_and_changeable(ingress: Ingress) -> None:
+    created = ingress.client.post(
+        "/v1/admin/keys",
+        json={"name": "b", "scopes": ["infer", "classify"], "rate_limit": "100/minute", "budget": "100/hour"},
+        headers=bearer(),
+    ).json()
+    assert (created["budget"], created["max_concurrent"]) == ("100/hour", 2)  # the default cap
+    key = bearer(created["key"])
+    body = {"id": "r1", "model_id": MODEL, "prompt": "a cat", "num_inference_steps": 30}
+    generated = ingress.client.post("/v1/infer", json=body, headers=key)
+    assert generated.status_code == 200, generated.text
+    assert (generated.headers["X-Cost"], generated.headers["X-Budget-Remaining"]) == ("30", "70")
+    classified = ingress.client.post("/v1/classify", json={"image": "aGk="}, headers=key)
+    assert (classified.headers["X-Cost"], classified.headers["X-Budget-Remaining"]) == ("1", "69")
+    refused = ingress.client.post("/v1/infer", json={**body, "num_inference_steps": 70}, headers=key)
+    error = error_of(refused, 429, "rate_limited")
+    assert "costs 70, 69 remain" in error["message"]
+    assert int(refused.headers["Retry-After"]) > 3000 and refused.headers["X-Cost"] == "0"
+    assert refused.headers["X-RateLimit-Limit"] == "100"  # the rate limit's headers as well
+    too_big = ingress.client.post("/v1/infer", json={**body, "width": 1024, "height": 1024}, headers=key)
+    assert "whole budget" in error_of(too_big, 422, "validation_error")["message"]
+    assert len(ingress.text_to_image.calls) == 1  # the refused requests never reached the model
+    assert ingress.accounts.usage.flush(5.0)
+    assert ingress.client.get("/v1/usage", headers=key).json()["total_cost"] == 31
+    stats = ingress.client.get("/v1/admin/usage", headers=bearer(), params={"by": "key"}).json()
+    assert {g["group"]: g["cost"] for g in stats["groups"]}[created["id"]] == 31
+    changed = ingress.client.patch(
+        f"/v1/admin/keys/{created['id']}", json={"budget": None, "max_concurrent": 5}, headers=bearer()
+    )
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["budget"], changed.json()["max_concurrent"], changed.json()["rate_limit"]) == (
+        None, 5, "100/minute",
+    )
+    bad = ingress.client.patch(f"/v1/admin/keys/{created['id']}", json={"budget": "x"}, headers=bearer())
+    assert "invalid budget" in error_of(bad, 422, "validation_error")["message"]
+    missing = ingress.client.patch("/v1/admin/keys/nope", json={"max_concurrent": 1}, headers=bearer())
+    error_of(missing, 404, "not_found")
+    forbidden = ingress.client.patch(f"/v1/admin/keys/{created['id']}", json={"budget": None}, headers=key)
+    error_of(forbidden, 403, "forbidden")
+
+
+# --- authentication before the body, and per-route body caps ------------------------------------
+
+
+def call_asgi(
+    ingress: Ingress, path: str, headers: dict[str, str], chunks: list[bytes]
+) -> tuple[int, int, bytes]:
+    """POST ``chunks`` straight to the app: (status, chunks the app asked for, response body)."""
+    import asyncio
+
+    asked = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        asked += 1
+        if asked > len(chunks):
+            await asyncio.sleep(3600)  # a client that never finishes sending
+        return {"type": "http.request", "body": chunks[asked - 1], "more_body": asked < len(chunks)}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "server": ("test", 80), "client": ("test", 1),
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    asyncio.run(asyncio.wait_for(ingress.client.app(scope, receive, send), 10))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, asked, body
+
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize("path", ["/v1/classify", "/v1/infer", "/v1/auth/token", "/v1/admin/keys"])
+@pytest.mark.parametrize("credential", [None, "ss_" + "x" * 43, "not-a-key", "a.b.c"])
+def test_an_unauthenticated_body_is_answered_401_without_reading_it(
+    ingress: Ingress, path: str, credential: str | None
+) -> None:
+    headers = {"content-type": "application/json", "content-length": str(19 * MIB)}
+    if credential is not None:
+        headers["authorization"] = f"Bearer {credential}"
+    status, asked, body = call_asgi(ingress, path, headers, [b"{" * MIB] * 19)
+    assert (status, asked) == (401, 0)
+    assert b'"unauthorized"' in body
+
+
+def test_bodies_are_capped_by_route_up_front_and_while_streaming(ingress: Ingress) -> None:
+    auth = {"authorization": f"Bearer {ADMIN_KEY}", "content-type": "application/json"}
+    # Declared too large for the route: 413 before reading (infer, token and admin take 64 KiB).
+    for path in ("/v1/infer", "/v1/auth/token", "/v1/admin/keys"):
+        status, asked, _ = call_asgi(ingress, path, {**auth, "content-length": str(64 * 1024 + 1)}, [b" "])
+        assert (status, asked) == (413, 0), path
+    # Sent without a length: counted while it streams, refused at the first chunk past the cap.
+    status, asked, body = call_asgi(ingress, "/v1/infer", auth, [b" " * 16 * 1024] * 100)
+    assert (status, asked) == (413, 5) and b"65536 bytes" in body
+    # The image route takes up to the configured size (20 MiB by default).
+    image = b'{"image": "' + b"A" * (2 * MIB) + b'"}'
+    status, _, body = call_asgi(ingress, "/v1/classify", {**auth, "content-length": str(len(image))}, [image])
+    assert status == 200, body
+    status, asked, _ = call_asgi(ingress, "/v1/classify", {**auth, "content-length": str(21 * MIB)}, [b" "])
+    assert (status, asked) == (413, 0)
