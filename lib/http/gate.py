@@ -28,6 +28,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.routing import Match
+
 from lib.accounts.auth import Principal
 from lib.accounts.gate import Admission, usage_record
 from lib.accounts.records import UsageRecord
@@ -96,6 +98,8 @@ class BodyGateMiddleware:
                 raise PayloadTooLargeError(f"request body exceeds {limit} bytes for this route")
         except SealserveError as exc:
             request_id = str(scope.get("state", {}).get("request_id") or "-")
+            # Answered before routing: name the route as the router would, for the request count.
+            scope.setdefault("route", matched_route(scope))
             await sealserve_error_response(exc, request_id)(scope, receive, send)
             return
         scope.setdefault("state", {})[PRINCIPAL_STATE_KEY] = principal
@@ -124,6 +128,23 @@ def attach_admission(scope: AsgiScope, admission: Admission) -> None:
 def admission_of(scope: AsgiScope) -> Admission | None:
     found = scope.get("state", {}).get(ADMISSION_STATE_KEY)
     return found if isinstance(found, Admission) else None
+
+
+def matched_route(scope: AsgiScope) -> object | None:
+    """The route of ``scope["app"]`` (Starlette puts the app in the scope) matching the request."""
+    return _match(getattr(getattr(scope.get("app"), "router", None), "routes", ()), scope)
+
+
+def _match(routes: Any, scope: AsgiScope) -> object | None:
+    for route in routes:
+        # FastAPI (0.137+) keeps an included router as one node and resolves its routes per request.
+        included = getattr(route, "original_router", None)
+        found = _match(included.routes, scope) if included is not None else None
+        if found is None and included is None and route.matches(scope)[0] == Match.FULL:
+            found = route
+        if found is not None:
+            return found
+    return None
 
 
 def endpoint_of(scope: AsgiScope) -> str:

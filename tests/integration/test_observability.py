@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from lib.accounts.auth import bootstrap_subject
+from lib.accounts.compute import CLASSIFY_COST, generation_cost
 from lib.models.imaging import encode_png
 from lib.observability import metrics as m
 from lib.sealed.publish import PublishResult
@@ -75,7 +77,8 @@ def service(
     work = tmp_path_factory.mktemp("ops")
     models = work / "models"
     models.mkdir()
-    os.symlink(demo_models_dir / LOCAL_MODEL, models / LOCAL_MODEL)
+    # A copy: the catalog does not follow links out of MODEL_DIRS.
+    shutil.copytree(demo_models_dir / LOCAL_MODEL, models / LOCAL_MODEL)
     state = work / "state"
     config = {
         "proxy_location": "EveryNode",
@@ -206,7 +209,9 @@ def test_every_metric_matches_the_traffic(service: Service, traffic: dict[str, A
         (m.AUTH_FAILURES.exported, {"reason": "missing"}, 1),
         (m.RATE_LIMITED.exported, {}, 1),
         (m.REQUEST_COST.exported, {"key_id": key_id}, 2),
-        (m.REQUEST_COST.exported, {"key_id": bootstrap}, 2 + 1 * 2),
+        # Two classifies, and the generation at its charged cost (docs/accounts.md).
+        (m.REQUEST_COST.exported, {"key_id": bootstrap},
+         2 * CLASSIFY_COST + generation_cost(width=256, height=256, steps=2, images=1)),
         (m.GENERATION_SECONDS.exported + "_count", {"model": sd}, 1),
         (m.GENERATIONS_RUNNING.exported, {"model": sd}, 0),
         (m.MODEL_READY_SECONDS.exported + "_count", {"deployment": "TextToImage"}, 1),

@@ -179,3 +179,21 @@ def test_helpers() -> None:
     scope["state"] = {"admission": "not an admission"}
     assert admission_of(scope) is None
     assert with_headers([(b"a", b"1")], {"A": "2", "B": "3"}) == [(b"a", b"1"), (b"b", b"3")]
+
+
+def test_a_request_answered_before_routing_is_counted_under_its_route_template() -> None:
+    from fastapi import APIRouter, FastAPI
+
+    from lib.http.gate import endpoint_of, matched_route
+
+    app, admin = FastAPI(), APIRouter()
+    app.add_api_route("/v1/classify", lambda: None, methods=["POST"])
+    admin.add_api_route("/v1/admin/keys/{key_id}", lambda key_id: None, methods=["PATCH"])
+    app.include_router(admin)  # FastAPI resolves included routers' routes at request time
+    seen = []
+    for method, path in (("POST", "/v1/classify"), ("PATCH", "/v1/admin/keys/k-123"), ("POST", "/random/x")):
+        scope = {"type": "http", "method": method, "path": path, "root_path": "", "app": app}
+        scope["route"] = matched_route(scope)
+        seen.append(endpoint_of(scope))
+    # Templates, never the raw path: ids and random paths must not become label values.
+    assert seen == ["POST /v1/classify", "PATCH /v1/admin/keys/{key_id}", "POST unmatched"]
