@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of 32 clients while replicas are sampled")
     parser.add_argument("--scale-idle", type=float, default=45.0, help="idle seconds sampled after it")
     parser.add_argument("--routes", type=float, default=3.0, help="seconds of GET / and GET /v1/models")
-    parser.add_argument("--infer-repeats", type=int, default=5)
+    parser.add_argument("--infer-repeats", type=int, default=9)
     parser.add_argument("--infer-size", type=int, default=256)
     parser.add_argument("--infer-steps", type=int, default=8)
     parser.add_argument("--ready-timeout", type=float, default=300.0)
@@ -143,6 +143,16 @@ def usage_record_cost(n: int = 20_000) -> dict[str, Any]:
             times.append((time.perf_counter_ns() - started) / 1e6)
     return {"calls": n, "p50_ms": rounded(percentile(times, 50), 5),
             "p99_ms": rounded(percentile(times, 99), 5)}
+
+
+def wait_at_rest(sampler: Sampler, timeout_s: float) -> dict[str, int]:
+    """Wait (at most ``timeout_s``) until the replica counts are back to the first sample's."""
+    first = sampler.samples[0]["replicas"] if sampler.samples else {}
+    deadline = time.monotonic() + timeout_s
+    time.sleep(2)  # at least one sample after the traffic
+    while time.monotonic() < deadline and sampler.samples[-1]["replicas"] != first:
+        time.sleep(1)
+    return dict(sampler.samples[-1]["replicas"]) if sampler.samples else {}
 
 
 def memory_of(server: Server, since: float) -> dict[str, Any]:
@@ -269,9 +279,12 @@ def run(args: argparse.Namespace, servers: list[Server], state: dict[str, Any]) 
     stages["gate_plus_usage_p50_ms"] = (
         rounded(c1["gate_p50_ms"] + usage_p50) if c1.get("gate_p50_ms") is not None else None)
     sections["classify"], sections["stages"] = classify, stages
-    time.sleep(2)  # one more sample after the traffic
+    # What the service holds after traffic, once the autoscaler has brought the replicas back to
+    # where they were before the load (the peak under load is reported beside it).
+    rest = wait_at_rest(sampler, args.scale_idle + 30.0)
     sampler.stop()
     seal_memory = memory_of(seal, began)
+    seal_memory["replicas"] = rest
     seal_memory["peak_rss_gib"] = rounded(max((s["rss_mib"] for s in sampler.samples), default=0) / 1024)
     base_memory = memory_of(base, began)
     sections["memory"] = {"sealserve": seal_memory, "baseline": base_memory,

@@ -26,7 +26,6 @@ import threading
 from typing import Any
 
 import ray
-from ray import serve
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -194,6 +193,8 @@ class NodeLoader:
 
     @classmethod
     def for_this_replica(cls, settings: AppSettings) -> NodeLoader:
+        from ray import serve  # here, not at the top: the loader's own process never imports Serve
+
         context = serve.get_replica_context()
         return cls(settings, context.app_name, context.replica_id.unique_id)
 

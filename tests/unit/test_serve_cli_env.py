@@ -31,6 +31,8 @@ def test_haproxy_files_live_in_a_private_directory_and_its_ports_are_free() -> N
     finally:
         private.rmdir()
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # A stop must not wait out Ray's 30 s deregistration window for external load balancers.
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 5
     for name in ("CONFIG_FILE_LOC", "SOCKET_PATH", "SERVER_STATE_BASE", "SERVER_STATE_FILE"):
         assert Path(env[f"RAY_SERVE_HAPROXY_{name}"]).is_relative_to(private)
     ports = [int(env[name]) for name in PORT_VARIABLES]
@@ -42,3 +44,40 @@ def test_haproxy_files_live_in_a_private_directory_and_its_ports_are_free() -> N
 def test_the_callers_environment_wins() -> None:
     env = serve_env({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "PATH": "/bin"}, haproxy=None, private=None)
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and env["PATH"] == "/bin"
+
+
+def test_the_banners_sample_image_is_a_png_the_classifier_accepts() -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from lib.cli.serve import SAMPLE_PNG
+
+    image = Image.open(io.BytesIO(base64.b64decode(SAMPLE_PNG)))
+    assert image.format == "PNG" and image.size == (16, 16)
+
+
+def test_a_stop_ends_the_processes_naming_the_private_directory_and_no_other(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from lib.cli.serve import stop_processes_naming
+
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); "
+            "time.sleep(60)")
+    # Ours ignores SIGTERM, as a stuck process would: the SIGKILL after the grace must end it.
+    ours = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "haproxy.cfg")],
+                            stdout=subprocess.PIPE)
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path.parent / "elsewhere")],
+                             stdout=subprocess.PIPE)
+    for proc in (ours, other):
+        assert proc.stdout is not None and proc.stdout.readline()  # its handler is in place
+    try:
+        assert stop_processes_naming(tmp_path, grace_s=1.0) == [ours.pid]
+        assert ours.wait(timeout=5) == -9
+        assert other.poll() is None
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
