@@ -7,10 +7,11 @@ through ``app.state``; authentication, rate limiting, validation and error mappi
 ``RateLimiter`` deployment.
 
 Each replica has its own account collaborators (``lib/accounts/wiring.py``): an ``AccountStore``
-(a connection pool), key caches and a ``UsageRecorder``. Usage is queued in memory and written in
-batches by the recorder's thread; when Serve stops the replica gracefully it calls ``__del__``
-(after draining requests, within ``graceful_shutdown_timeout_s``), which drains the queue into
-the database.
+(a connection pool), key caches and a ``UsageRecorder``. Usage is appended to the node's usage
+journal before the response is sent (it survives a killed replica: ``lib/accounts/journal.py``),
+queued in memory and written in batches by the recorder's thread; when Serve stops the replica
+gracefully it calls ``__del__`` (after draining requests, within ``graceful_shutdown_timeout_s``),
+which drains the queue into the database.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -49,6 +51,7 @@ log = logging.getLogger("ray.serve")
 # The usage drain gets most of the replica's graceful_shutdown_timeout_s (30 s, set in
 # deployments/app.py), leaving room for the drain of in-flight requests before it.
 USAGE_DRAIN_TIMEOUT_S = 20.0
+USAGE_JOURNAL_DIR = "usage-journal"
 # A concurrency slot the ingress never gave back (it died) frees itself this long after the
 # longest a request can wait for its model.
 SLOT_TTL_MARGIN_S = 60.0
@@ -81,6 +84,7 @@ class Ingress:
             limiter=RateLimiterClient(rate_limiter),
             default_inference_steps=settings.default_inference_steps,
             slot_ttl_s=settings.request_timeout_s + SLOT_TTL_MARGIN_S,
+            usage_journal_dir=usage_journal_dir(settings),
         )
         self.loader = NodeLoader.for_this_replica(settings)
         self.models = ModelClients(
@@ -111,6 +115,12 @@ class Ingress:
         loader: NodeLoader | None = getattr(self, "loader", None)
         if loader is not None:
             await loader.close()
+
+
+def usage_journal_dir(settings: AppSettings) -> Path:
+    """The node's usage journal: ``accounts.usage_journal_dir``, else ``state_dir/usage-journal``."""
+    configured = settings.accounts.usage_journal_dir
+    return Path(configured) if configured else settings.state_path / USAGE_JOURNAL_DIR
 
 
 class IngressApi(FastAPI):

@@ -58,6 +58,19 @@ class AccountsSettings(BaseModel):
         description="Most usage records held in memory per replica while the database is slow or down; "
         "beyond it new records are dropped and counted.",
     )
+    usage_journal_dir: str | None = Field(
+        default=None,
+        description="Directory of the node's usage journal, where each usage record is appended "
+        "before its response is sent, so usage survives a killed replica (created 0700). Unset: "
+        "usage-journal/ in the app's state_dir. Every ingress replica on a node must use the same one.",
+    )
+    usage_recovery_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Seconds between an ingress replica's looks for journal segments left by a stopped "
+        "replica on its node (shipped to the database, then deleted); also done at start.",
+    )
     token_ttl_s: int = Field(
         default=900, ge=60, le=86_400, description="Lifetime in seconds of the JWTs issued for an API key."
     )
