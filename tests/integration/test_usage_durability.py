@@ -1,0 +1,133 @@
+"""Usage survives SIGKILL of the ingress replica, through real HTTP and a real Serve.
+
+Classify requests run at some concurrency; after a third of them the Ingress replica's process is
+killed with SIGKILL (found by its actor's pid in Ray's state API, never by name), Serve replaces
+it, and the load goes on. The ingress writes usage to the database only every hour here, so
+every record of the killed replica reaches the database through the node's usage journal alone
+(shipped by the replacement replica at its start). Once the application is deleted (a graceful
+stop, which drains the replacement's queue), the usage recorded for the key is at least the
+number of answers the clients got (2xx and 4xx) and exceeds it by at most the requests that
+were in flight when the replica died.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from lib.accounts.store import AccountStore
+from tests.serve_harness import (
+    APP_NAME,
+    ServeInstance,
+    background_load,
+    copy_demo_models,
+    replica_states,
+    running_serve,
+    start_ray,
+    wait_for,
+)
+
+REQUESTS = 240
+CLIENTS = 8
+INGRESS_ACTOR = f"ServeReplica:{APP_NAME}:Ingress"
+
+
+@pytest.fixture(scope="module")
+def service(
+    demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServeInstance, str, Path]]:
+    start_ray()
+    from deployments.app import bind_graph
+    from lib.settings import AppSettings
+
+    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
+    state_dir = tmp_path_factory.mktemp("state")
+    database_url = f"sqlite:///{state_dir / 'accounts.db'}"
+    settings = AppSettings.from_args(
+        {
+            "environment": "production",
+            "model_dirs": [str(model_dir)],
+            "state_dir": str(state_dir),
+            "accounts": {
+                "database_url": database_url,
+                # Longer than the module runs: only the journal can save a killed replica's usage.
+                "usage_flush_interval_s": 3600,
+                "usage_batch_size": 10_000,
+                "usage_recovery_interval_s": 2,
+            },
+        }
+    )
+    options = {"Ingress": {"num_replicas": 1, "health_check_period_s": 1, "health_check_timeout_s": 5}}
+    with running_serve(bind_graph(settings, options), model_dir) as instance:
+        yield instance, database_url, state_dir
+
+
+def png_b64() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (20, 120, 200)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def ingress_pids() -> set[int]:
+    """The pids of the live Ingress replica actors, from this Ray's actor table (the GCS's, which
+    ``ray.util.state`` reads through the dashboard this Ray runs without)."""
+    from ray._private.state import actors
+
+    return {
+        int(actor["Pid"])
+        for actor in actors().values()
+        if actor["ActorClassName"] == INGRESS_ACTOR and actor["State"] == "ALIVE" and actor["Pid"]
+    }
+
+
+def test_usage_of_a_sigkilled_ingress_replica_is_not_lost(service: tuple[ServeInstance, str, Path]) -> None:
+    from ray import serve
+
+    instance, database_url, state_dir = service
+    with AccountStore(database_url) as store:
+        key = store.create_key("durability", ["classify"], "100000/minute").key
+        key_id = store.lookup_key(key)
+    assert key_id is not None
+    body = {"image": png_b64(), "top_k": 1}
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def send() -> int:
+        url = instance.base_url + "/v1/classify"
+        return requests.post(url, json=body, headers=headers, timeout=60).status_code
+
+    [victim] = ingress_pids()
+    killed = threading.Event()
+    with background_load(send, clients=CLIENTS, max_requests=REQUESTS) as stats:
+        wait_for(lambda: stats.sent, lambda sent: sent >= REQUESTS // 3, timeout=300,
+                 what="a third of the load")
+        os.kill(victim, signal.SIGKILL)
+        killed.set()
+        replaced = wait_for(
+            ingress_pids, lambda pids: bool(pids) and victim not in pids, timeout=180,
+            what="Serve replacing the killed ingress replica",
+        )
+        wait_for(lambda: replica_states("Ingress"), lambda states: states == {"RUNNING": 1}, timeout=180,
+                 what="the new ingress replica running")
+        wait_for(lambda: stats.sent, lambda sent: sent >= REQUESTS, timeout=300, what="the rest of the load")
+    statuses = stats.snapshot()
+    answered = sum(count for status, count in statuses.items() if 200 <= status < 500)
+    assert killed.is_set() and replaced and sum(statuses.values()) == REQUESTS
+    assert statuses.get(200, 0) > REQUESTS // 3, statuses  # the service came back
+
+    serve.delete(APP_NAME)  # graceful: the replacement drains its queue into the database
+    with AccountStore(database_url) as store:
+        recorded = store.usage_summary(key_id.id).total_requests
+    print(f"answers by status {statuses}; {answered} answered, {recorded} recorded")
+    assert answered <= recorded <= answered + CLIENTS, (statuses, recorded)
+    journal = state_dir / "usage-journal"
+    assert journal.is_dir() and list(journal.glob("*.usage")) == []  # everything shipped and deleted
+
