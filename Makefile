@@ -9,14 +9,17 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PORT ?= 8000
 PYTEST_ARGS ?=
+# e.g. DRILL_ARGS='--database postgresql' or '--rows sigkill-ingress,database-restart'
+DRILL_ARGS ?=
 
-.PHONY: help install install-test system-deps serve test test-unit test-integration lint bench clean
+.PHONY: help install install-test system-deps serve test test-unit test-integration lint bench drill clean
 
 help:
 	@echo "make serve   set up .venv, build demo models if needed, start the service on PORT ($(PORT))"
 	@echo "make test    set up .venv with the test extra and run the whole suite"
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   run the benchmarks in bench/ (reports in bench/reports/)"
+	@echo "make drill   faults against a live service: usage recorded vs answered, recovery (bench/reports/drill.json)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +68,9 @@ bench: install-test system-deps
 	$(PY) -m bench.sealed_fetch
 	$(PY) -m bench.fleet
 	$(PY) -m bench.request_path
+
+drill: install-test system-deps
+	$(PY) -m bench.drill $(DRILL_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
