@@ -19,7 +19,9 @@ reads back the usage the service recorded for the key. Rows:
 
 The table: fault, requests sent, answers by status, usage recorded vs answered (2xx and 4xx:
 responses a client received and is billed for), and recovery time (from the fault to the end of
-the last request that got no answer or a 5xx; 0 when none did). Written to ``bench/reports/drill.json``.
+the last request that got no answer or a 5xx; 0 when none did) beside the slowest answer to a
+request sent after the fault (one that waited for a replacement replica). Written to
+``bench/reports/drill.json``.
 """
 
 from __future__ import annotations
@@ -180,6 +182,7 @@ class Drill:
         load.join(max(1.0, self.args.row_timeout_s - (time.monotonic() - started)))
         statuses = Counter(status for _, _, status in load.answers)
         answered = sum(n for status, n in statuses.items() if 200 <= status < 500)
+        waits = [done - sent for sent, done, _ in load.answers if sent >= fault_at]
         failed = [done for _, done, status in load.answers if done >= fault_at and not 200 <= status < 500]
         recorded = self.settle(key_id, answered)
         return {
@@ -189,6 +192,7 @@ class Drill:
             "shortfall": None if recorded is None else max(0, answered - recorded),
             "in_flight_excess": None if recorded is None else max(0, recorded - answered),
             "recovery_s": round(max(failed) - fault_at, 2) if failed else 0.0,
+            "slowest_after_fault_s": round(max(waits), 2) if waits else None,
             "seconds": round(time.monotonic() - started, 1),
         }
 
@@ -252,13 +256,14 @@ def postgres_database(action: str, name: str) -> None:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = f"{'fault':<22}{'db':<12}{'sent':>6}  {'answers by status':<28}{'answered':>9}{'recorded':>9}" \
-             f"{'short':>7}{'recovery s':>12}"
+             f"{'short':>7}{'recovery s':>12}{'slowest s':>11}"
     print(header)
     print("-" * len(header))
     for row in rows:
         answers = " ".join(f"{k}:{v}" for k, v in row["answers"].items())
         print(f"{row['fault']:<22}{row['database']:<12}{row['sent']:>6}  {answers:<28}{row['answered']:>9}"
-              f"{row['recorded']!s:>9}{row['shortfall']!s:>7}{row['recovery_s']!s:>12}")
+              f"{row['recorded']!s:>9}{row['shortfall']!s:>7}{row['recovery_s']!s:>12}"
+              f"{row.get('slowest_after_fault_s')!s:>11}")
 
 
 def main(argv: list[str] | None = None) -> int:
