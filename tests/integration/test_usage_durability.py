@@ -1,4 +1,9 @@
-"""Usage survives SIGKILL of the ingress replica, through real HTTP and a real Serve.
+"""Usage survives SIGKILL of the ingress replica, and a killed model replica answers 503, through real
+HTTP and a real Serve.
+
+First, the TextToImage replica is killed with SIGKILL while generations run: their clients get
+503 in the documented error shape with Retry-After, and generations succeed again once Serve has
+replaced it.
 
 Classify requests run at some concurrency; after a third of them the Ingress replica's process is
 killed with SIGKILL (found by its actor's pid in Ray's state API, never by name), Serve replaces
@@ -17,7 +22,9 @@ import io
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,6 +34,7 @@ from PIL import Image
 from lib.accounts.store import AccountStore
 from tests.serve_harness import (
     APP_NAME,
+    TEST_API_KEY,
     ServeInstance,
     background_load,
     copy_demo_models,
@@ -39,6 +47,8 @@ from tests.serve_harness import (
 REQUESTS = 240
 CLIENTS = 8
 INGRESS_ACTOR = f"ServeReplica:{APP_NAME}:Ingress"
+TEXT_TO_IMAGE_ACTOR = f"ServeReplica:{APP_NAME}:TextToImage"
+STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +76,8 @@ def service(
             },
         }
     )
-    options = {"Ingress": {"num_replicas": 1, "health_check_period_s": 1, "health_check_timeout_s": 5}}
+    fast_checks = {"num_replicas": 1, "health_check_period_s": 1, "health_check_timeout_s": 5}
+    options = {"Ingress": fast_checks, "TextToImage": fast_checks}
     with running_serve(bind_graph(settings, options), model_dir) as instance:
         yield instance, database_url, state_dir
 
@@ -77,16 +88,56 @@ def png_b64() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def ingress_pids() -> set[int]:
-    """The pids of the live Ingress replica actors, from this Ray's actor table (the GCS's, which
-    ``ray.util.state`` reads through the dashboard this Ray runs without)."""
+def replica_pids(actor_class: str = INGRESS_ACTOR) -> set[int]:
+    """The pids of the live replica actors of a deployment, from this Ray's actor table (the GCS's,
+    which ``ray.util.state`` reads through the dashboard this Ray runs without)."""
     from ray._private.state import actors
 
     return {
         int(actor["Pid"])
         for actor in actors().values()
-        if actor["ActorClassName"] == INGRESS_ACTOR and actor["State"] == "ALIVE" and actor["Pid"]
+        if actor["ActorClassName"] == actor_class and actor["State"] == "ALIVE" and actor["Pid"]
     }
+
+
+def ingress_pids() -> set[int]:
+    return replica_pids(INGRESS_ACTOR)
+
+
+def test_a_model_replica_killed_mid_request_answers_503_with_retry_after(
+    service: tuple[ServeInstance, str, Path],
+) -> None:
+    """Generations (slow enough to be caught in the middle) are running when the TextToImage
+    replica is killed: their clients get 503 in the documented shape with Retry-After, and the
+    next generation succeeds once Serve has replaced the replica."""
+    instance, _, _ = service
+    headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
+
+    def infer(steps: int) -> requests.Response:
+        body = {"id": "drill", "model_id": "tiny-sd", "prompt": "a lighthouse in a storm", "width": 256, "height": 256,
+                "num_inference_steps": steps, "seed": 1}
+        return requests.post(instance.base_url + "/v1/infer", json=body, headers=headers, timeout=300)
+
+    started = time.monotonic()
+    assert infer(STEPS).status_code == 200  # loads the model, and paces the kill below
+    one = time.monotonic() - started
+    [victim] = replica_pids(TEXT_TO_IMAGE_ACTOR)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        running = [pool.submit(infer, STEPS) for _ in range(2)]
+        time.sleep(min(one / 3, 5.0))  # pacing only: both generations are under way
+        os.kill(victim, signal.SIGKILL)
+        answers = [future.result() for future in running]
+    print(f"a generation took {one:.1f} s; answers after the kill: {[a.status_code for a in answers]}")
+    assert {a.status_code for a in answers} <= {200, 503}, [a.text[:300] for a in answers]
+    assert any(a.status_code == 503 for a in answers), "no generation was caught by the kill"
+    for answer in answers:
+        if answer.status_code == 503:
+            assert answer.json()["error"]["code"] == "service_unavailable", answer.text
+            assert int(answer.headers["Retry-After"]) >= 1
+    wait_for(lambda: replica_pids(TEXT_TO_IMAGE_ACTOR), lambda pids: bool(pids) and victim not in pids,
+             timeout=180, what="Serve replacing the killed replica")
+    wait_for(lambda: infer(2).status_code, lambda status: status == 200, timeout=180, interval=2,
+             what="a generation after the replacement")
 
 
 def test_usage_of_a_sigkilled_ingress_replica_is_not_lost(service: tuple[ServeInstance, str, Path]) -> None:
