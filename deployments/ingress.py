@@ -74,6 +74,7 @@ class Ingress:
     ) -> None:
         self.settings = settings
         secrets = Secrets.from_env(settings)
+        limiter = RateLimiterClient(rate_limiter)
         self.accounts = build_accounts(
             settings.accounts,
             database_url=accounts_database_url(settings, secrets),
@@ -81,7 +82,7 @@ class Ingress:
             bootstrap_keys=[k.get_secret_value() for k in secrets.api_keys],
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
-            limiter=RateLimiterClient(rate_limiter),
+            limiter=limiter,
             default_inference_steps=settings.default_inference_steps,
             slot_ttl_s=settings.request_timeout_s + SLOT_TTL_MARGIN_S,
             usage_journal_dir=usage_journal_dir(settings),
@@ -93,6 +94,7 @@ class Ingress:
             self.loader,
             timeout_s=settings.request_timeout_s,
             default_classifier=settings.default_classifier,
+            degraded=limiter.health_errors,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

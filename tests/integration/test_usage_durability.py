@@ -1,18 +1,18 @@
-"""Usage survives SIGKILL of the ingress replica, and a killed model replica answers 503, through real
-HTTP and a real Serve.
+"""Faults through real HTTP and a real Serve: killed replicas, and usage that survives them.
 
-First, the TextToImage replica is killed with SIGKILL while generations run: their clients get
-503 in the documented error shape with Retry-After, and generations succeed again once Serve has
-replaced it.
-
-Classify requests run at some concurrency; after a third of them the Ingress replica's process is
-killed with SIGKILL (found by its actor's pid in Ray's state API, never by name), Serve replaces
-it, and the load goes on. The ingress writes usage to the database only every hour here, so
-every record of the killed replica reaches the database through the node's usage journal alone
-(shipped by the replacement replica at its start). Once the application is deleted (a graceful
-stop, which drains the replacement's queue), the usage recorded for the key is at least the
-number of answers the clients got (2xx and 4xx) and exceeds it by at most the requests that
-were in flight when the replica died.
+1. The TextToImage replica is killed with SIGKILL while generations run: their clients get 503
+   in the documented error shape with Retry-After, and generations succeed again once Serve has
+   replaced it.
+2. The RateLimiter replica is killed: requests keep being answered on a per-replica share of the
+   limits, which /health shows until the limiter answers again.
+3. Classify requests run at some concurrency; after a third of them the Ingress replica's process
+   is killed with SIGKILL (found by its actor's pid in Ray's actor table, never by name), Serve
+   replaces it, and the load goes on. The ingress writes usage to the database only every hour
+   here, so every record of the killed replica reaches the database through the node's usage
+   journal alone (shipped by the replacement replica at its start). Once the application is
+   deleted (a graceful stop, which drains the replacement's queue), the usage recorded for the
+   key is at least the number of answers the clients got (2xx and 4xx) and exceeds it by at
+   most the requests that were in flight when the replica died.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ REQUESTS = 240
 CLIENTS = 8
 INGRESS_ACTOR = f"ServeReplica:{APP_NAME}:Ingress"
 TEXT_TO_IMAGE_ACTOR = f"ServeReplica:{APP_NAME}:TextToImage"
+LIMITER_ACTOR = f"ServeReplica:{APP_NAME}:RateLimiter"
 STEPS = 40
 
 
@@ -114,8 +115,8 @@ def test_a_model_replica_killed_mid_request_answers_503_with_retry_after(
     headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
 
     def infer(steps: int) -> requests.Response:
-        body = {"id": "drill", "model_id": "tiny-sd", "prompt": "a lighthouse in a storm", "width": 256, "height": 256,
-                "num_inference_steps": steps, "seed": 1}
+        body = {"id": "drill", "model_id": "tiny-sd", "prompt": "a lighthouse in a storm",
+                "width": 256, "height": 256, "num_inference_steps": steps, "seed": 1}
         return requests.post(instance.base_url + "/v1/infer", json=body, headers=headers, timeout=300)
 
     started = time.monotonic()
@@ -138,6 +139,36 @@ def test_a_model_replica_killed_mid_request_answers_503_with_retry_after(
              timeout=180, what="Serve replacing the killed replica")
     wait_for(lambda: infer(2).status_code, lambda status: status == 200, timeout=180, interval=2,
              what="a generation after the replacement")
+
+
+def test_with_the_rate_limiter_down_requests_flow_on_a_per_replica_share(
+    service: tuple[ServeInstance, str, Path],
+) -> None:
+    """The RateLimiter replica killed: requests are still answered (not 503), and /health says
+    the limits are a per-replica share until the limiter answers again."""
+    from deployments.rate_limiter import DEGRADED_MESSAGE
+
+    instance, _, _ = service
+    body = {"image": png_b64(), "top_k": 1}
+    headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    [victim] = replica_pids(LIMITER_ACTOR)
+    os.kill(victim, signal.SIGKILL)
+    seen: list[tuple[int, list[str]]] = []
+
+    def classify_then_health() -> tuple[int, list[str]]:
+        status = requests.post(instance.base_url + "/v1/classify", json=body, headers=headers,
+                               timeout=60).status_code
+        seen.append((status, requests.get(instance.base_url + "/health", timeout=30).json()["errors"]))
+        return seen[-1]
+
+    # The replica's lease of the key's limit lasts a second; the next request asks the limiter.
+    wait_for(classify_then_health, lambda result: DEGRADED_MESSAGE in result[1], timeout=60,
+             what="/health showing the per-replica share")
+    assert {status for status, _ in seen} == {200}, seen
+    wait_for(lambda: replica_pids(LIMITER_ACTOR), lambda pids: bool(pids) and victim not in pids,
+             timeout=180, what="Serve replacing the limiter")
+    wait_for(classify_then_health, lambda result: result == (200, []), timeout=60,
+             what="shared limits back once the limiter answers")
 
 
 def test_usage_of_a_sigkilled_ingress_replica_is_not_lost(service: tuple[ServeInstance, str, Path]) -> None:
