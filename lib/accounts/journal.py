@@ -155,11 +155,14 @@ class UsageJournal:
 
 
 def make_private_directory(directory: str | Path) -> Path:
-    """``directory`` created with mode 0700 (parents too), refused if others may write to it."""
+    """``directory`` created with mode 0700 (parents too); refused if another user owns it or others
+    may write to it (they could delete usage, or add records that bill someone)."""
     path = Path(directory)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = path.stat().st_mode
-    if mode & 0o022:
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"usage journal directory {path} belongs to another user")
+    if info.st_mode & 0o022:
         raise PermissionError(f"usage journal directory {path} is writable by others; chmod 700 it")
     return path
 

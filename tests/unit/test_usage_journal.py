@@ -85,6 +85,12 @@ def test_a_directory_others_may_write_to_is_refused(tmp_path: Path) -> None:
         UsageJournal(directory)
 
 
+def test_a_directory_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(PermissionError, match="another user"):
+        UsageJournal(tmp_path / "journal")
+
+
 def test_full_segments_rotate_and_go_once_written(tmp_path: Path) -> None:
     journal = UsageJournal(tmp_path, segment_records=2)
     held = [journal.append(usage(n)) for n in range(5)]
