@@ -36,6 +36,8 @@ class KeyCache:
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utc_now,
+        stale_grace_s: float = 0.0,
+        stale_on: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._cache: TtlCache[str, KeyRecord] = TtlCache(
             lookup_by_hash,
@@ -43,6 +45,8 @@ class KeyCache:
             negative_ttl_s=negative_ttl_s,
             max_entries=max_entries,
             clock=clock,
+            stale_grace_s=stale_grace_s,  # the database down: see lib/ttl_cache.py
+            stale_on=stale_on,
         )
         self._wall_clock = wall_clock
 

@@ -39,6 +39,14 @@ class AccountsSettings(BaseModel):
         description="Seconds an unknown, revoked or expired key is cached as invalid (absorbs floods "
         "of bad keys).",
     )
+    key_cache_stale_grace_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86_400,
+        description="While the database is down, seconds past its TTL a key a replica had looked up "
+        "keeps working (expiry still applies); 0: every lookup needs the database. Keys not seen "
+        "before the outage are answered 503.",
+    )
     key_cache_max_entries: int = Field(
         default=10_000, ge=1, description="Most API keys a replica's key cache holds (LRU beyond that)."
     )

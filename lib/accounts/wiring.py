@@ -99,6 +99,8 @@ def build_accounts(
             ttl_s=settings.key_cache_ttl_s,
             negative_ttl_s=settings.key_cache_negative_ttl_s,
             max_entries=settings.key_cache_max_entries,
+            stale_grace_s=settings.key_cache_stale_grace_s,
+            stale_on=(ServiceUnavailableError,),
         )
         # Tokens name their key by id: looked up (and cached) to apply its limit and revocation.
         key_ids: TtlCache[str, KeyRecord] = TtlCache(
@@ -106,6 +108,8 @@ def build_accounts(
             ttl_s=settings.key_cache_ttl_s,
             negative_ttl_s=settings.key_cache_negative_ttl_s,
             max_entries=settings.key_cache_max_entries,
+            stale_grace_s=settings.key_cache_stale_grace_s,
+            stale_on=(ServiceUnavailableError,),
         )
         gate = RequestGate(
             authenticator=Authenticator(
