@@ -12,9 +12,10 @@ reads back the usage the service recorded for the key. Rows:
 - ``sigkill-ingress``: SIGKILL to the Ingress replica's process (found among the run's own
   processes by its Ray title; nothing outside the run is touched).
 - ``database-restart``: SQLite: another process holds an exclusive lock on the database file for
-  ``--outage-s`` seconds. PostgreSQL (the service points at a fresh database on 127.0.0.1:5432):
-  every connection to that database is terminated (``pg_terminate_backend``) again and again
-  for ``--outage-s`` seconds; the shared server itself is never restarted.
+  ``--outage-s`` seconds (writers wait; in WAL mode readers do not). PostgreSQL (the service
+  points at a fresh database on 127.0.0.1:5432): the database refuses connections
+  (``ALLOW_CONNECTIONS false``) for ``--outage-s`` seconds and the service's connections are
+  terminated (``pg_terminate_backend``); the shared server itself is never restarted.
 - ``model-replica-killed``: SIGKILL to the ImageClassifier replica's process mid-request.
 
 The table: fault, requests sent, answers by status, usage recorded vs answered (2xx and 4xx:
@@ -227,16 +228,22 @@ def hold_sqlite_lock(path: Path, seconds: float) -> Callable[[], None]:
 
 
 def terminate_connections(database: str, seconds: float) -> Callable[[], None]:
+    """The database refuses connections for ``seconds`` and the service's are terminated (a restart
+    as the service sees it; the shared server keeps running)."""
     from sqlalchemy import create_engine, text
 
     engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    deadline = time.monotonic() + seconds
-    with engine.connect() as conn:
-        while time.monotonic() < deadline:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database})
-            time.sleep(0.2)
-    engine.dispose()
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false'))
+            try:
+                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database})
+                time.sleep(seconds)
+            finally:
+                conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
+    finally:
+        engine.dispose()
     return lambda: None
 
 
