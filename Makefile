@@ -11,14 +11,16 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 # e.g. DRILL_ARGS='--database postgresql' or '--rows sigkill-ingress,database-restart'
 DRILL_ARGS ?=
+DURATION ?= 30m
 
-.PHONY: help install install-test system-deps serve test test-unit test-integration lint bench drill clean
+.PHONY: help install install-test system-deps serve test test-unit test-integration lint bench drill soak clean
 
 help:
 	@echo "make serve   set up .venv, build demo models if needed, start the service on PORT ($(PORT))"
 	@echo "make test    set up .venv with the test extra and run the whole suite"
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   run the benchmarks in bench/ (reports in bench/reports/)"
+	@echo "make soak    DURATION=30m of moderate load: replica memory and descriptors, p99 over time (bench/reports/soak.json)"
 	@echo "make drill   faults against a live service: usage recorded vs answered, recovery (bench/reports/drill.json)"
 
 $(VENV)/.installed: pyproject.toml
@@ -71,6 +73,9 @@ bench: install-test system-deps
 
 drill: install-test system-deps
 	$(PY) -m bench.drill $(DRILL_ARGS)
+
+soak: install-test system-deps
+	$(PY) -m bench.soak --duration $(DURATION)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -38,7 +38,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -273,19 +275,33 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{row.get('slowest_after_fault_s')!s:>11}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="sealserve-drill-"))
+@dataclass
+class Service:
+    """A running ``sealserve serve`` of a drill or soak: its process, URL, admin key, database."""
+
+    server: Server
+    url: str
+    admin_key: str
+    database: dict[str, str]
+    workdir: Path
+    stopped: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def running_service(database_kind: str, ready_timeout_s: float, prefix: str) -> Iterator[Service]:
+    """``sealserve serve`` in production mode with the demo models and a random admin key, its
+    accounts in a fresh SQLite file or PostgreSQL database (dropped afterwards); stopped on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"sealserve-{prefix}-"))
     subprocess.run([str(BIN / "sealserve"), "demo-models", "--dir", "ai-models", "--if-missing"],
                    cwd=ROOT, check=True, timeout=600)
-    admin_key = "ss_drill_" + secrets.token_urlsafe(32)
+    admin_key = f"ss_{prefix}_" + secrets.token_urlsafe(32)
     env = {**os.environ, "ENVIRONMENT": "production", "API_KEYS": admin_key,
            "SECRET_KEY": secrets.token_urlsafe(48)}
     env.pop("RAY_ADDRESS", None)
     state = workdir / "state"
-    database: dict[str, str] = {"kind": args.database}
-    if args.database == "postgresql":
-        database["name"] = f"sealserve_drill_{uuid.uuid4().hex[:10]}"
+    database: dict[str, str] = {"kind": database_kind}
+    if database_kind == "postgresql":
+        database["name"] = f"sealserve_{prefix}_{uuid.uuid4().hex[:10]}"
         postgres_database("create", database["name"])
         env["DATABASE_URL"] = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database['name']}"
     else:
@@ -295,28 +311,34 @@ def main(argv: list[str] | None = None) -> int:
               "applications": [{"name": APP, "route_prefix": "/", "import_path": "deployments.app:build_app",
                                 "args": {"environment": "production", "state_dir": str(state),
                                          "model_dirs": [str(ROOT / "ai-models")]}}]}
-    (workdir / "drill.yaml").write_text(yaml.safe_dump(config))
+    (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = Server("sealserve", [str(BIN / "sealserve"), "serve", "--config", str(workdir / "drill.yaml"),
+    server = Server("sealserve", [str(BIN / "sealserve"), "serve", "--config", str(workdir / "serve.yaml"),
                                   "--port", str(port)], workdir / "sealserve.log", cwd=ROOT, env=env)
-    rows: list[dict[str, Any]] = []
+    service = Service(server, f"http://127.0.0.1:{port}", admin_key, database, workdir)
     try:
-        wait_ready(server, url, args.ready_timeout)
-        drill = Drill(args, server, url, admin_key, database)
+        wait_ready(server, service.url, ready_timeout_s)
+        yield service
+    finally:
+        service.stopped = server.stop()
+        if database_kind == "postgresql":
+            postgres_database("drop", database["name"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows: list[dict[str, Any]] = []
+    with running_service(args.database, args.ready_timeout, "drill") as service:
+        drill = Drill(args, service.server, service.url, service.admin_key, service.database)
         for row in args.rows:
             print(f"drill: {row} ...", flush=True)
             rows.append(drill.run_row(row))
-            wait_ready(server, url, args.row_timeout_s)
-    finally:
-        stopped = server.stop()
-        if args.database == "postgresql":
-            postgres_database("drop", database["name"])
+            wait_ready(service.server, service.url, args.row_timeout_s)
     print_table(rows)
     report = {"database": args.database, "requests": args.requests, "clients": args.clients,
-              "outage_s": args.outage_s, "rows": rows, "stop": stopped, "logs": str(workdir)}
+              "outage_s": args.outage_s, "rows": rows, "stop": service.stopped, "logs": str(service.workdir)}
     write_json("drill", report)
-    print(f"logs: {workdir}")
+    print(f"logs: {service.workdir}")
     short = [row["fault"] for row in rows if row["shortfall"] != 0 and row["fault"] != "model-replica-killed"]
     if short:
         print(f"usage shortfall in {short}", file=sys.stderr)
