@@ -12,7 +12,11 @@ PYTEST_ARGS ?=
 # Seconds of fuzzing in make fuzz (the service's start comes on top).
 FUZZ_SECONDS ?= 120
 
-.PHONY: help install install-test system-deps serve test test-unit test-integration lint fuzz bench clean
+# e.g. DRILL_ARGS='--database postgresql' or '--rows sigkill-ingress,database-restart'
+DRILL_ARGS ?=
+DURATION ?= 30m
+
+.PHONY: help install install-test system-deps serve test test-unit test-integration lint fuzz bench drill soak clean
 
 help:
 	@echo "make serve   set up .venv, build demo models if needed, start the service on PORT ($(PORT))"
@@ -21,6 +25,8 @@ help:
 	@echo "make lint    ruff + mypy"
 	@echo "make fuzz    schemathesis against a live make serve for FUZZ_SECONDS ($(FUZZ_SECONDS))"
 	@echo "make bench   run the benchmarks in bench/ (reports in bench/reports/)"
+	@echo "make soak    DURATION=30m of moderate load: replica memory and descriptors, p99 over time (bench/reports/soak.json)"
+	@echo "make drill   faults against a live service: usage recorded vs answered, recovery (bench/reports/drill.json)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,6 +80,12 @@ bench: install-test system-deps
 	$(PY) -m bench.sealed_fetch
 	$(PY) -m bench.fleet
 	$(PY) -m bench.request_path
+
+drill: install-test system-deps
+	$(PY) -m bench.drill $(DRILL_ARGS)
+
+soak: install-test system-deps
+	$(PY) -m bench.soak --duration $(DURATION)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -130,19 +130,37 @@ def load(url: str, body: bytes | None, headers: dict[str, str], clients: int, wa
 
 
 def usage_record_cost(n: int = 20_000) -> dict[str, Any]:
-    """``UsageRecorder.record`` with a no-op writer: what a request pays to be accounted for."""
+    """``UsageRecorder.record`` with a no-op writer and the usage journal in a temporary directory
+    (its append is part of the request path): what a request pays to be accounted for. The
+    journal append alone and the in-memory queue alone are reported beside it."""
+    from lib.accounts.journal import UsageJournal
     from lib.accounts.records import UsageRecord
     from lib.accounts.usage import UsageRecorder
 
     record = UsageRecord(key_id="bench", endpoint="/v1/classify", status_code=200, latency_ms=1.0)
-    times = []
-    with UsageRecorder(lambda _batch: None, max_queue=2 * n) as recorder:
+
+    def timed(call: Any) -> list[float]:
+        times = []
         for _ in range(n):
             started = time.perf_counter_ns()
-            recorder.record(record)
+            call(record)
             times.append((time.perf_counter_ns() - started) / 1e6)
+        return times
+
+    with tempfile.TemporaryDirectory(prefix="sealserve-journal-") as directory:
+        journal = UsageJournal(Path(directory) / "journal")
+        with UsageRecorder(lambda _batch: None, max_queue=2 * n, journal=journal) as recorder:
+            times = timed(recorder.record)
+        append_only = UsageJournal(Path(directory) / "append-only")
+        append = timed(append_only.append)
+        append_only.close()
+    with UsageRecorder(lambda _batch: None, max_queue=2 * n) as recorder:
+        memory = timed(recorder.record)
     return {"calls": n, "p50_ms": rounded(percentile(times, 50), 5),
-            "p99_ms": rounded(percentile(times, 99), 5)}
+            "p99_ms": rounded(percentile(times, 99), 5),
+            "journal_append_p50_ms": rounded(percentile(append, 50), 5),
+            "journal_append_p99_ms": rounded(percentile(append, 99), 5),
+            "memory_only_p50_ms": rounded(percentile(memory, 50), 5)}
 
 
 def wait_at_rest(sampler: Sampler, timeout_s: float) -> dict[str, int]:

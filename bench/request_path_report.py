@@ -113,7 +113,7 @@ def print_report(report: dict[str, Any]) -> None:
               + f"; gate {_fmt(costs['gate_p50_ms'])}; proxy+transport {_fmt(costs['proxy_p50_ms'])}"
               + f"; app-model {_fmt(costs['app_minus_model_p50_ms'])}"
               + f"  ({costs['with_server_timing']}/{costs['responses']} with Server-Timing)")
-    print(f"usage record (in process, no-op writer) p50: {_fmt(stages.get('usage_record_p50_ms'), ' ms', 4)}")
+    print(f"usage record (journal + queue) p50: {_fmt(stages.get('usage_record_p50_ms'), ' ms', 4)}")
     routes = stages.get("routes")
     if routes:
         print(f"GET / p50 {_fmt(routes['root_p50_ms'])} ms -> GET /v1/models p50 "

@@ -7,10 +7,11 @@ through ``app.state``; authentication, rate limiting, validation and error mappi
 ``RateLimiter`` deployment.
 
 Each replica has its own account collaborators (``lib/accounts/wiring.py``): an ``AccountStore``
-(a connection pool), key caches and a ``UsageRecorder``. Usage is queued in memory and written in
-batches by the recorder's thread; when Serve stops the replica gracefully it calls ``__del__``
-(after draining requests, within ``graceful_shutdown_timeout_s``), which drains the queue into
-the database.
+(a connection pool), key caches and a ``UsageRecorder``. Usage is appended to the node's usage
+journal before the response is sent (it survives a killed replica: ``lib/accounts/journal.py``),
+queued in memory and written in batches by the recorder's thread; when Serve stops the replica
+gracefully it calls ``__del__`` (after draining requests, within ``graceful_shutdown_timeout_s``),
+which drains the queue into the database.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -36,14 +38,17 @@ from deployments.routes.deps import STATE_ACCOUNTS, STATE_GATE, STATE_LOADER, ST
 from deployments.routes.health import router as health_routes
 from deployments.routes.inference import router as inference_routes
 from deployments.routes.models import router as model_routes
+from deployments.routes.openai import OPENAI_PATH_PREFIX, openai_error_response
 from deployments.routes.openai import router as openai_routes
 from deployments.routes.playground import router as playground_routes
 from deployments.version import VERSION
 from lib.accounts.gate import RATE_LIMIT_HEADERS
 from lib.accounts.records import UsageRecord
 from lib.accounts.wiring import AccountsWiring, build_accounts
+from lib.errors import SealserveError
+from lib.http.asgi import AsgiScope
 from lib.http.context import RequestContextMiddleware
-from lib.http.errors import install_error_handlers
+from lib.http.errors import install_error_handlers, sealserve_error_response
 from lib.http.gate import BodyGateMiddleware, GateMiddleware, body_limit_for
 from lib.schemas import ErrorBody
 from lib.settings import AppSettings, Secrets, accounts_database_url
@@ -52,6 +57,7 @@ log = logging.getLogger("ray.serve")
 # The usage drain gets most of the replica's graceful_shutdown_timeout_s (30 s, set in
 # deployments/app.py), leaving room for the drain of in-flight requests before it.
 USAGE_DRAIN_TIMEOUT_S = 20.0
+USAGE_JOURNAL_DIR = "usage-journal"
 # A concurrency slot the ingress never gave back (it died) frees itself this long after the
 # longest a request can wait for its model.
 SLOT_TTL_MARGIN_S = 60.0
@@ -75,6 +81,7 @@ class Ingress:
         install_observability(settings)
         self.settings = settings
         secrets = Secrets.from_env(settings)
+        limiter = RateLimiterClient(rate_limiter)
         self.accounts = build_accounts(
             settings.accounts,
             database_url=accounts_database_url(settings, secrets),
@@ -82,9 +89,10 @@ class Ingress:
             bootstrap_keys=[k.get_secret_value() for k in secrets.api_keys],
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
-            limiter=RateLimiterClient(rate_limiter),
+            limiter=limiter,
             default_inference_steps=settings.default_inference_steps,
             slot_ttl_s=settings.request_timeout_s + SLOT_TTL_MARGIN_S,
+            usage_journal_dir=usage_journal_dir(settings),
         )
         self.loader = NodeLoader.for_this_replica(settings)
         self.models = ModelClients(
@@ -93,6 +101,7 @@ class Ingress:
             self.loader,
             timeout_s=settings.request_timeout_s,
             default_classifier=settings.default_classifier,
+            degraded=limiter.health_errors,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -117,6 +126,12 @@ class Ingress:
             await loader.close()
 
 
+def usage_journal_dir(settings: AppSettings) -> Path:
+    """The node's usage journal: ``accounts.usage_journal_dir``, else ``state_dir/usage-journal``."""
+    configured = settings.accounts.usage_journal_dir
+    return Path(configured) if configured else settings.state_path / USAGE_JOURNAL_DIR
+
+
 class IngressApi(FastAPI):
     """The ingress's FastAPI app, with :class:`GateMiddleware` around its whole middleware stack.
 
@@ -132,6 +147,13 @@ class IngressApi(FastAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         return GateMiddleware(super().build_middleware_stack(), record=self._record_usage)
+
+
+def _refusal(exc: SealserveError, scope: AsgiScope, request_id: str) -> ASGIApp:
+    """A request the body gate refuses, answered in the shape its route family's clients parse."""
+    if str(scope.get("path", "")).startswith(OPENAI_PATH_PREFIX):
+        return openai_error_response(exc, Request(scope))
+    return sealserve_error_response(exc, request_id)
 
 
 def create_api(
@@ -150,6 +172,7 @@ def create_api(
         BodyGateMiddleware,
         authenticate=accounts.gate.authenticate,
         body_limit=partial(body_limit_for, image_bytes=settings.max_body_bytes),
+        error_answer=_refusal,
     )
     api.add_middleware(
         CORSMiddleware,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from ray.exceptions import RayActorError
@@ -63,7 +63,9 @@ class ModelClients:
         default_classifier: str | None = None,
         health_timeout_s: float = HEALTH_TIMEOUT_S,
         max_configured_handles: int = MAX_CONFIGURED_HANDLES,
+        degraded: Callable[[], list[str]] = list,
     ) -> None:
+        self._degraded = degraded  # what else degrades the service now (e.g. the rate limiter)
         self._text_to_image = MultiplexedHandles(text_to_image, max_entries=max_configured_handles)
         self._text_to_image_stream = MultiplexedHandles(
             text_to_image.options(stream=True), max_entries=max_configured_handles
@@ -208,6 +210,7 @@ class ModelClients:
         # every other model still serves.
         ready = not errors
         errors += [f"model {name}: {message}" for name, message in sorted(model_errors.items())]
+        errors += self._degraded()
         return Health(
             status="ok" if not errors else "degraded",
             ready=ready,

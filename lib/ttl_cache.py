@@ -4,6 +4,11 @@
 ingress also uses it directly for lookups by key *id* (the subject of a JWT), so that verifying
 a token costs no database round trip either. ``None`` answers are cached for ``negative_ttl_s``.
 
+Stale on error: with ``stale_grace_s``, a lookup that fails with one of ``stale_on`` (the database
+is down) answers a found value that expired less than ``stale_grace_s`` ago instead of failing,
+so known keys keep working through a short outage; a key never seen, or seen only as not found,
+still fails. Each fallback is logged once per outage.
+
 Inside :func:`memory_only` a lookup that would block raises :class:`CacheMiss` instead: an event
 loop first tries to answer from memory and goes to a thread only on a miss (the request gate
 does, ``lib/accounts/gate.py``), so the common case costs no thread hop.
@@ -11,6 +16,7 @@ does, ``lib/accounts/gate.py``), so the common case costs no thread hop.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +27,8 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+log = logging.getLogger(__name__)
 
 _MEMORY_ONLY: ContextVar[bool] = ContextVar("ttl_cache_memory_only", default=False)
 
@@ -53,15 +61,21 @@ class TtlCache(Generic[K, V]):
         negative_ttl_s: float,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        stale_grace_s: float = 0.0,
+        stale_on: tuple[type[BaseException], ...] = (),
     ) -> None:
-        if ttl_s < 0 or negative_ttl_s < 0 or max_entries < 1:
-            raise ValueError("TTLs must be >= 0 and max_entries >= 1")
+        if ttl_s < 0 or negative_ttl_s < 0 or max_entries < 1 or stale_grace_s < 0:
+            raise ValueError("TTLs and the grace must be >= 0 and max_entries >= 1")
+        self._stale_grace_s = stale_grace_s
+        self._stale_on = stale_on
+        self._serving_stale = False
         self._lookup = lookup
         self._ttl_s = ttl_s
         self._negative_ttl_s = negative_ttl_s
         self._max_entries = max_entries
         self._clock = clock
-        self._entries: OrderedDict[K, tuple[float, V | None]] = OrderedDict()
+        # key -> (fresh until, value, looked up at)
+        self._entries: OrderedDict[K, tuple[float, V | None, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
@@ -75,10 +89,27 @@ class TtlCache(Generic[K, V]):
             raise CacheMiss(key)
         # Looked up outside the lock: one slow lookup must not stall every other key's check.
         # Two concurrent misses on the same key may both look it up; bounded and harmless.
-        value = self._lookup(key)
+        try:
+            value = self._lookup(key)
+        except self._stale_on:
+            with self._lock:
+                stale = self._entries.get(key)
+                if stale is None or stale[1] is None or stale[2] + self._ttl_s + self._stale_grace_s <= now:
+                    raise
+                # Asked again after a TTL, not on every request (each try may wait for a timeout).
+                self._entries[key] = (now + self._ttl_s, stale[1], stale[2])
+                if not self._serving_stale:
+                    self._serving_stale = True
+                    log.warning(
+                        "lookups failing: known entries answered up to %.0fs stale", self._stale_grace_s
+                    )
+                return stale[1]
+        if self._serving_stale:
+            self._serving_stale = False
+            log.warning("lookups answer again: stale entries no longer used")
         ttl = self._ttl_s if value is not None else self._negative_ttl_s
         with self._lock:
-            self._entries[key] = (now + ttl, value)
+            self._entries[key] = (now + ttl, value, now)
             self._entries.move_to_end(key)
             while len(self._entries) > self._max_entries:
                 self._entries.popitem(last=False)

@@ -67,6 +67,8 @@ class OpenAIRoute(APIRoute):
 
 
 router = APIRouter(route_class=OpenAIRoute)
+# Every route of this family answers errors in OpenAI's shape, the body gate's refusals included.
+OPENAI_PATH_PREFIX = "/v1/images/"
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {EVENT_STREAM: {}}, "description": "With `stream: true`: "
           "`image_generation.partial_image` events, then `image_generation.completed` per image."}

@@ -11,6 +11,11 @@ this replica has not seen valid (a random guess, or a key's first use here) is l
 within a budget (``unknown_lookups_per_s``, bursts of ``unknown_burst``). Past it the request gets
 a 503 to retry, not a database query; refreshing a key seen valid before is never held back.
 
+The database down: with ``stale_grace_s``, a lookup that fails with one of ``stale_on`` answers a
+key seen valid less than ``ttl_s + stale_grace_s`` ago instead of failing (asked again once per
+TTL, logged once per outage), so known keys keep working through a short outage; a key never
+seen valid still fails.
+
 Expiry is re-checked on every hit against the wall clock, so a key never outlives its
 ``expires_at`` because it happened to be cached.
 
@@ -20,6 +25,7 @@ raises :class:`lib.ttl_cache.CacheMiss` instead, and the caller retries it in a 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +37,8 @@ from lib.accounts.records import KeyRecord, hash_api_key, looks_like_api_key
 from lib.clock import utc_now
 from lib.errors import ServiceUnavailableError
 from lib.ttl_cache import CacheMiss, is_memory_only
+
+log = logging.getLogger(__name__)
 
 
 class KeyCache:
@@ -47,9 +55,14 @@ class KeyCache:
         unknown_burst: int = 100,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utc_now,
+        stale_grace_s: float = 0.0,
+        stale_on: tuple[type[BaseException], ...] = (),
     ) -> None:
-        if ttl_s < 0 or negative_ttl_s < 0 or max_entries < 1 or unknown_lookups_per_s <= 0:
-            raise ValueError("TTLs must be >= 0, max_entries >= 1 and the lookup budget > 0")
+        if min(ttl_s, negative_ttl_s, stale_grace_s) < 0 or max_entries < 1 or unknown_lookups_per_s <= 0:
+            raise ValueError("TTLs and the grace must be >= 0, max_entries >= 1 and the lookup budget > 0")
+        self._stale_grace_s = stale_grace_s
+        self._stale_on = stale_on
+        self._serving_stale = False
         self._lookup = lookup_by_hash
         self._ttl_s = ttl_s
         self._negative_ttl_s = negative_ttl_s
@@ -60,8 +73,9 @@ class KeyCache:
         self._clock = clock
         self._refilled = clock()
         self._wall_clock = wall_clock
-        # digest -> (fresh until, record); an expired entry stays (LRU-bounded) as "seen valid".
-        self._known: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
+        # digest -> (fresh until, record, looked up at); an expired entry stays (LRU-bounded) as
+        # "seen valid".
+        self._known: OrderedDict[str, tuple[float, KeyRecord, float]] = OrderedDict()
         self._unknown: OrderedDict[str, float] = OrderedDict()  # digest -> refused until
         self._lock = threading.Lock()
 
@@ -89,15 +103,34 @@ class KeyCache:
                 raise CacheMiss(digest)
             if known is None and not self._take_token(now):
                 raise ServiceUnavailableError("too many unknown credentials at once; retry shortly")
-        record = self._lookup(digest)  # outside the lock: one slow lookup must not stall the rest
+        try:
+            record = self._lookup(digest)  # outside the lock: one slow lookup must not stall the rest
+        except self._stale_on as exc:
+            return self._stale(digest, now, exc)
+        if self._serving_stale:
+            self._serving_stale = False
+            log.warning("key lookups answer again: stale entries no longer used")
         with self._lock:
             if record is not None:
                 self._unknown.pop(digest, None)
-                _put(self._known, digest, (now + self._ttl_s, record), self._max_entries)
+                _put(self._known, digest, (now + self._ttl_s, record, now), self._max_entries)
             else:
                 self._known.pop(digest, None)
                 _put(self._unknown, digest, now + self._negative_ttl_s, self._max_entries)
         return record
+
+    def _stale(self, digest: str, now: float, error: BaseException) -> KeyRecord:
+        """The lookup failed with a ``stale_on`` error: a key seen valid recently enough, or raise."""
+        with self._lock:
+            known = self._known.get(digest)
+            if known is None or known[2] + self._ttl_s + self._stale_grace_s <= now:
+                raise error
+            # Asked again after a TTL, not on every request (each try may wait for a timeout).
+            self._known[digest] = (now + self._ttl_s, known[1], known[2])
+        if not self._serving_stale:
+            self._serving_stale = True
+            log.warning("key lookups failing: known keys answered up to %.0fs stale", self._stale_grace_s)
+        return known[1]
 
     def _take_token(self, now: float) -> bool:
         self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import re
 import secrets
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -143,7 +144,12 @@ class CreatedKey:
 
 @dataclass(frozen=True)
 class UsageRecord:
-    """One served request, as the ingress reports it; ``timestamp`` must be timezone-aware."""
+    """One served request, as the ingress reports it; ``timestamp`` must be timezone-aware.
+
+    ``request_id`` makes shipping idempotent (one row per id, ``lib/accounts/journal.py``). It is
+    made here, by the server, for every record: a client's ``X-Request-ID`` would let a client
+    that repeats one id have all but the first of its requests go unbilled.
+    """
 
     key_id: str
     endpoint: str
@@ -153,6 +159,7 @@ class UsageRecord:
     image_count: int = 0
     timestamp: datetime = field(default_factory=utc_now)
     cost: int = 0  # image-steps charged (lib/accounts/compute.py)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
         if self.timestamp.tzinfo is None:

@@ -39,6 +39,14 @@ class AccountsSettings(BaseModel):
         description="Seconds an unknown, revoked or expired key is cached as invalid (absorbs floods "
         "of bad keys).",
     )
+    key_cache_stale_grace_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86_400,
+        description="While the database is down, seconds past its TTL a key a replica had looked up "
+        "keeps working (expiry still applies); 0: every lookup needs the database. Keys not seen "
+        "before the outage are answered 503.",
+    )
     key_cache_max_entries: int = Field(
         default=10_000, ge=1, description="Most API keys a replica's key cache holds (LRU beyond that)."
     )
@@ -57,6 +65,19 @@ class AccountsSettings(BaseModel):
         ge=1,
         description="Most usage records held in memory per replica while the database is slow or down; "
         "beyond it new records are dropped and counted.",
+    )
+    usage_journal_dir: str | None = Field(
+        default=None,
+        description="Directory of the node's usage journal, where each usage record is appended "
+        "before its response is sent, so usage survives a killed replica (created 0700). Unset: "
+        "usage-journal/ in the app's state_dir. Every ingress replica on a node must use the same one.",
+    )
+    usage_recovery_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Seconds between an ingress replica's looks for journal segments left by a stopped "
+        "replica on its node (shipped to the database, then deleted); also done at start.",
     )
     token_ttl_s: int = Field(
         default=900, ge=60, le=86_400, description="Lifetime in seconds of the JWTs issued for an API key."

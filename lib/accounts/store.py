@@ -24,7 +24,6 @@ from sqlalchemy import (
     case,
     delete,
     func,
-    insert,
     literal_column,
     select,
     update,
@@ -49,7 +48,7 @@ from lib.accounts.records import (
     valid_budget,
     valid_max_concurrent,
 )
-from lib.accounts.tables import ApiKeyRow, UsageRow, UserRow, create_schema
+from lib.accounts.tables import ApiKeyRow, UsageRow, UserRow, create_schema, insert_new_usage
 from lib.clock import utc_now
 from lib.db import create_database_engine, database_errors, redact_url
 from lib.errors import NotFoundError, ValidationFailedError
@@ -224,7 +223,11 @@ class AccountStore:
     # -- usage -----------------------------------------------------------------------------------
 
     def record_usage(self, records: Sequence[UsageRecord]) -> None:
-        """Write a batch in one transaction, and move each key's ``last_used_at`` forward."""
+        """Write a batch in one transaction, and move each key's ``last_used_at`` forward.
+
+        Idempotent: a record whose ``request_id`` is stored already is skipped, so a batch shipped
+        again (from a usage journal, ``lib/accounts/journal.py``) is stored once.
+        """
         if not records:
             return
         rows = [
@@ -237,6 +240,7 @@ class AccountStore:
                 "image_count": r.image_count,
                 "timestamp": r.timestamp,
                 "cost": r.cost,
+                "request_id": r.request_id,
             }
             for r in records
         ]
@@ -245,7 +249,7 @@ class AccountStore:
             if r.key_id not in last_used or r.timestamp > last_used[r.key_id]:
                 last_used[r.key_id] = r.timestamp
         with database_errors(DATABASE, "record usage"), self._sessions.begin() as session:
-            session.execute(insert(UsageRow), rows)
+            session.execute(insert_new_usage(self._engine.dialect.name), rows)
             for key_id, when in last_used.items():
                 session.execute(
                     update(ApiKeyRow)

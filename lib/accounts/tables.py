@@ -5,12 +5,14 @@ no lazy loads from a closed session).
 
 Schema changes: a new table is created by ``create_all``; a column added to an existing table is
 listed in :data:`ADDED_COLUMNS` and added by :func:`add_missing_columns` (``ALTER TABLE ... ADD
-COLUMN``, the same statement on SQLite and PostgreSQL), with the value existing rows get.
+COLUMN``, the same statement on SQLite and PostgreSQL), with the value existing rows get; an
+index on such a column is in :data:`ADDED_INDEXES`.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -26,6 +28,8 @@ from sqlalchemy import (
     inspect,
     text,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -33,6 +37,7 @@ from lib.accounts.records import DEFAULT_BUDGET, DEFAULT_MAX_CONCURRENT
 from lib.clock import utc_now
 from lib.db import UtcBase
 
+USAGE_REQUEST_ID_INDEX = "ix_usage_records_request_id"
 # Any constant works, as long as every sealserve process uses the same one.
 _SCHEMA_LOCK_ID = 0x5EA15E7E
 # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias), not a BIGINT one.
@@ -83,6 +88,9 @@ class UsageRow(AccountsBase):
     __table_args__ = (
         Index("ix_usage_records_key_id_timestamp", "key_id", "timestamp"),
         Index("ix_usage_records_timestamp", "timestamp"),
+        # Shipping is idempotent: a record sent twice (a replica died between the database's
+        # commit and deleting its journal segment) is stored once. NULL for older rows.
+        Index(USAGE_REQUEST_ID_INDEX, "request_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(_AUTO_ID, primary_key=True, autoincrement=True)
@@ -94,6 +102,14 @@ class UsageRow(AccountsBase):
     image_count: Mapped[int] = mapped_column(Integer, default=0)
     timestamp: Mapped[datetime]
     cost: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # The id the ingress gave the record (lib/accounts/records.py), never a client's X-Request-ID.
+    request_id: Mapped[str | None] = mapped_column(String(32))
+
+
+def insert_new_usage(dialect: str) -> Any:
+    """INSERT INTO usage_records ... ON CONFLICT (request_id) DO NOTHING, in ``dialect``'s words."""
+    insert_for = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    return insert_for(UsageRow).on_conflict_do_nothing(index_elements=[UsageRow.request_id])
 
 
 # Columns added after their table first shipped: (table, column, SQL type and constraints, the
@@ -104,6 +120,11 @@ ADDED_COLUMNS: tuple[tuple[str, str, str, str | None], ...] = (
     ("api_keys", "budget", "VARCHAR(40)", f"'{DEFAULT_BUDGET}'"),
     ("api_keys", "max_concurrent", "INTEGER", str(DEFAULT_MAX_CONCURRENT)),
     ("usage_records", "cost", "INTEGER NOT NULL DEFAULT 0", None),
+    ("usage_records", "request_id", "VARCHAR(32)", None),
+)
+# Indexes on added columns, created when missing (the same statement on SQLite and PostgreSQL).
+ADDED_INDEXES: tuple[str, ...] = (
+    f"CREATE UNIQUE INDEX IF NOT EXISTS {USAGE_REQUEST_ID_INDEX} ON usage_records (request_id)",
 )
 
 
@@ -119,6 +140,8 @@ def add_missing_columns(conn: Connection) -> list[str]:
             # Constants of ADDED_COLUMNS only, never input.
             conn.execute(text(f"UPDATE {table} SET {column} = {existing_value}"))  # noqa: S608
         added.append(f"{table}.{column}")
+    for ddl in ADDED_INDEXES:
+        conn.execute(text(ddl))
     return added
 
 

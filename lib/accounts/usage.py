@@ -15,6 +15,13 @@ Beyond that ``record()`` drops the *incoming* record, counts it in :attr:`droppe
 warning once per overflow episode: serving requests matters more than accounting for them, and
 memory must stay bounded while the database is down.
 
+Durability: with a :class:`lib.accounts.journal.UsageJournal`, ``record()`` first appends the
+record to the node's journal (a few microseconds, page cache), then queues it; a written batch is
+acknowledged to the journal, which deletes a segment once all its records are written. A replica
+killed before its queue was written leaves its segment behind, and another replica on the node
+ships it (``lib/accounts/journal.py``). A record refused by a full queue is still in the journal
+and is shipped from there once this replica stops.
+
 Shutdown: :meth:`close` drains the queue (retrying as above) before it returns, so nothing is lost
 on a graceful shutdown unless the sink stays down past ``timeout_s``; it returns how many records
 were left unwritten.
@@ -29,6 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from lib.accounts.journal import Segment, UsageJournal
 from lib.accounts.records import UsageRecord
 from lib.observability import metrics
 from lib.retry import RetryPolicy, call_with_retries
@@ -51,6 +59,7 @@ class UsageRecorder:
         retry_policy: RetryPolicy = RetryPolicy(attempts=3, base_delay=0.1, max_delay=2.0),
         retry_on: Callable[[BaseException], bool] = _retry_everything,
         sleep: Callable[[float], None] = time.sleep,
+        journal: UsageJournal | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < max_batch or flush_interval_s <= 0:
             raise ValueError("need max_batch >= 1, max_queue >= max_batch and flush_interval_s > 0")
@@ -61,8 +70,9 @@ class UsageRecorder:
         self._retry_policy = retry_policy
         self._retry_on = retry_on
         self._sleep = sleep
+        self._journal = journal
 
-        self._queue: deque[UsageRecord] = deque()
+        self._queue: deque[tuple[UsageRecord, Segment | None]] = deque()
         self._in_flight = 0
         self._cond = threading.Condition()
         self._closing = False
@@ -99,6 +109,7 @@ class UsageRecorder:
                 log.warning("usage recorder is closed; dropped a usage record")
                 return False
             if len(self._queue) + self._in_flight >= self._max_queue:
+                self._journaled(record)  # not lost: shipped from the journal once this replica stops
                 self._dropped += 1
                 metrics.usage("dropped")
                 if not self._overflowing:
@@ -109,7 +120,7 @@ class UsageRecorder:
                     )
                 return False
             self._overflowing = False
-            self._queue.append(record)
+            self._queue.append((record, self._journaled(record)))
             metrics.usage("queued")
             if len(self._queue) >= self._max_batch:
                 self._cond.notify_all()
@@ -134,15 +145,31 @@ class UsageRecorder:
             self._stopped = True
             self._cond.notify_all()
             left = len(self._queue) + self._in_flight
-            if left:
-                log.error("usage recorder closed with %d records unwritten", left)
-            return left
+        if self._journal is not None:
+            # What is left stays in the journal's segments, shipped by the next replica on the node.
+            self._journal.close()
+        if left:
+            log.error("usage recorder closed with %d records unwritten", left)
+        return left
 
     def __enter__(self) -> UsageRecorder:
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+    def _journaled(self, record: UsageRecord) -> Segment | None:
+        if self._journal is None:
+            return None
+        try:
+            return self._journal.append(record)
+        except Exception as exc:  # a full disk must not fail the request: memory only, as before
+            log.warning("could not journal a usage record (%s); queued in memory only", type(exc).__name__)
+            return None
+
+    def _acknowledge(self, batch: list[tuple[UsageRecord, Segment | None]]) -> None:
+        if self._journal is not None:
+            self._journal.written(segment for _, segment in batch if segment is not None)
 
     # -- background thread ------------------------------------------------------------------------
 
@@ -170,11 +197,12 @@ class UsageRecorder:
                 if self._stopped:
                     return
 
-    def _write(self, batch: list[UsageRecord]) -> bool:
+    def _write(self, batch: list[tuple[UsageRecord, Segment | None]]) -> bool:
         """Hand one batch to the sink. False if it failed and went back to the head of the queue."""
+        records = [record for record, _ in batch]
         try:
             call_with_retries(
-                lambda: self._sink(batch),
+                lambda: self._sink(records),
                 policy=self._retry_policy,
                 retry_on=self._retry_on,
                 what="writing a usage batch",
@@ -191,6 +219,7 @@ class UsageRecorder:
                     self._queue.extendleft(reversed(batch))
                 self._cond.notify_all()
             if permanent:
+                self._acknowledge(batch)  # it would be rejected again from the journal
                 log.error(
                     "usage sink rejected a batch of %d records (%s); discarding it",
                     len(batch), type(exc).__name__,
@@ -200,6 +229,7 @@ class UsageRecorder:
                 "usage sink still failing (%s); keeping %d records to retry", type(exc).__name__, len(batch)
             )
             return False
+        self._acknowledge(batch)
         with self._cond:
             self._in_flight = 0
             self._written += len(batch)

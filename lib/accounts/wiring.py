@@ -7,6 +7,10 @@ off the hot path, the :class:`RequestGate`, the :class:`AccountService` and the
 bootstrap keys, the shared limiter) so that it knows nothing of settings files, Ray or HTTP; the
 ingress (``deployments/ingress.py``) reads those from its settings and environment.
 
+With a usage journal directory, each usage record is also appended to the node's journal before
+its response is sent, and a :class:`JournalRecovery` ships what stopped replicas left there
+(``lib/accounts/journal.py``).
+
 Shutdown: :meth:`AccountsWiring.close` drains the queued usage into the database, then closes the
 pool. It blocks (up to its timeout), so an event loop runs it in a thread.
 """
@@ -15,10 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from lib.accounts.auth import Authenticator
 from lib.accounts.compute import ComputeGate, SharedCompute
 from lib.accounts.gate import RequestGate
+from lib.accounts.journal import JournalRecovery, UsageJournal
 from lib.accounts.key_cache import KeyCache
 from lib.accounts.leases import LeasedLimiter
 from lib.accounts.records import KeyRecord
@@ -47,10 +53,13 @@ class AccountsWiring:
     gate: RequestGate
     service: AccountService
     usage: UsageRecorder
+    recovery: JournalRecovery | None = None
 
     def close(self, timeout_s: float) -> UsageDrain:
         """Write the queued usage (for up to ``timeout_s``), then close the connection pool."""
         try:
+            if self.recovery is not None:
+                self.recovery.close()
             queued = self.usage.pending
             unwritten = self.usage.close(timeout_s)
             return UsageDrain(queued, self.usage.written, unwritten, self.usage.dropped)
@@ -69,6 +78,7 @@ def build_accounts(
     limiter: SharedCompute,
     default_inference_steps: int = 30,
     slot_ttl_s: float = 360.0,
+    usage_journal_dir: Path | None = None,
 ) -> AccountsWiring:
     """The account collaborators for ``settings``, reading and writing the database at ``database_url``.
 
@@ -77,8 +87,9 @@ def build_accounts(
     shared rate limiter, taken from in leases (``lib/accounts/leases.py``), which also counts the
     compute budgets and concurrency slots (``lib/accounts/compute.py``: a generation's cost uses
     ``default_inference_steps`` when the request names none; a slot not given back frees itself
-    after ``slot_ttl_s``, longer than any request). The store is closed again if anything after
-    it fails.
+    after ``slot_ttl_s``, longer than any request). ``usage_journal_dir``: the node's usage
+    journal (None: usage waits in memory only). The store is closed again if anything after it
+    fails.
     """
     store = AccountStore(database_url)
     try:
@@ -88,6 +99,8 @@ def build_accounts(
             ttl_s=settings.key_cache_ttl_s,
             negative_ttl_s=settings.key_cache_negative_ttl_s,
             max_entries=settings.key_cache_max_entries,
+            stale_grace_s=settings.key_cache_stale_grace_s,
+            stale_on=(ServiceUnavailableError,),
         )
         # Tokens name their key by id: looked up (and cached) to apply its limit and revocation.
         key_ids: TtlCache[str, KeyRecord] = TtlCache(
@@ -95,6 +108,8 @@ def build_accounts(
             ttl_s=settings.key_cache_ttl_s,
             negative_ttl_s=settings.key_cache_negative_ttl_s,
             max_entries=settings.key_cache_max_entries,
+            stale_grace_s=settings.key_cache_stale_grace_s,
+            stale_on=(ServiceUnavailableError,),
         )
         gate = RequestGate(
             authenticator=Authenticator(
@@ -110,17 +125,24 @@ def build_accounts(
             compute=ComputeGate(limiter, default_steps=default_inference_steps, slot_ttl_s=slot_ttl_s),
         )
         service = AccountService(store, tokens, on_revoked=key_ids.invalidate)
+        journal = UsageJournal(usage_journal_dir) if usage_journal_dir is not None else None
         usage = UsageRecorder(
             store.record_usage,
             max_batch=settings.usage_batch_size,
             flush_interval_s=settings.usage_flush_interval_s,
             max_queue=settings.usage_max_queue,
             retry_on=database_unavailable,
+            journal=journal,
         )
+        recovery = None
+        if usage_journal_dir is not None:
+            recovery = JournalRecovery(
+                usage_journal_dir, store.record_usage, interval_s=settings.usage_recovery_interval_s
+            )
     except BaseException:
         store.close()
         raise
-    return AccountsWiring(store=store, gate=gate, service=service, usage=usage)
+    return AccountsWiring(store=store, gate=gate, service=service, usage=usage, recovery=recovery)
 
 
 def database_unavailable(exc: BaseException) -> bool:

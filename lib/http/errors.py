@@ -25,6 +25,11 @@ from lib.observability.logs import client_error_line
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
+# Seconds a client is asked to wait before retrying a 503: Serve replaces a dead replica within a
+# few seconds (health checks every few seconds, a start of a second or two on a warm node).
+SERVICE_UNAVAILABLE_RETRY_AFTER_S = 2
+
+
 def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or "-")
 
@@ -44,7 +49,13 @@ def error_response(
 
 
 def sealserve_error_response(exc: SealserveError, request_id: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    headers = None
+    if exc.status_code == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif exc.status_code == 503:
+        # A dependency is away (a model replica being replaced, the database, a sealed model's
+        # store): worth retrying soon, not at once.
+        headers = {"Retry-After": str(SERVICE_UNAVAILABLE_RETRY_AFTER_S)}
     # A 500 is our fault, and its message may describe internals: the client gets a generic one.
     message = "internal server error" if exc.status_code == 500 else exc.message
     return error_response(exc.status_code, exc.code, message, request_id, headers)

@@ -11,14 +11,16 @@ it streams (413). The principal it found is kept in the request state, so the ro
 The route's auth dependency stores its :class:`lib.accounts.gate.Admission` in the request state
 (:func:`attach_admission`); from then on this middleware adds the admission's ``X-RateLimit-*`` /
 ``Retry-After`` headers to the response, whatever produced it (the route, or an error handler
-answering a 403, 422, 429, 504 ...), and, once the response is sent, hands a usage record to
-``record`` (``UsageRecorder.record``: a queue append, never a database call). A request that never
+answering a 403, 422, 429, 504 ...), and hands a usage record to ``record``
+(``UsageRecorder.record``: a journal append and a queue append, never a database call) *before*
+the response's first message goes out, so that a response a client received was recorded on the
+node (``lib/accounts/journal.py``); its latency is the time to that first message. A request that never
 got past authentication has no admission and is neither decorated nor recorded.
 
 Written against the ASGI spec alone (no Starlette import). The ingress wraps this middleware
 around its whole stack (``deployments/ingress.py``, ``IngressApi``), so the last-resort 500 passes
 through it and gets the headers too. Inside a stack, an unhandled exception leaves it before any
-response is sent: it is recorded as a 500 and re-raised.
+response is sent: it is recorded as a 500 (once the request is over) and re-raised.
 """
 
 from __future__ import annotations
@@ -63,12 +65,18 @@ def principal_of(scope: AsgiScope) -> Principal | None:
     return found if isinstance(found, Principal) else None
 
 
+def _documented_error(exc: SealserveError, scope: AsgiScope, request_id: str) -> ASGIApp:
+    return sealserve_error_response(exc, request_id)
+
+
 class BodyGateMiddleware:
     """Authentication before the body, and the body's cap by route (see the module docstring).
 
     Sits inside the request-context middleware (whose request id the errors carry, and whose
     global cap answers first) and outside the routes. ``authenticate`` is
-    ``RequestGate.authenticate``; ``body_limit(path)`` the cap of a route.
+    ``RequestGate.authenticate``; ``body_limit(path)`` the cap of a route; ``error_answer`` the
+    response to a refusal (by default the documented error body; a route family with a shape of
+    its own, like OpenAI's, passes its own).
     """
 
     def __init__(
@@ -77,10 +85,12 @@ class BodyGateMiddleware:
         *,
         authenticate: Callable[[str | None], Awaitable[Principal]],
         body_limit: Callable[[str], int],
+        error_answer: Callable[[SealserveError, AsgiScope, str], ASGIApp] | None = None,
     ) -> None:
         self.app = app
         self._authenticate = authenticate
         self._body_limit = body_limit
+        self._error_answer = error_answer or _documented_error
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") not in _BODY_METHODS:
@@ -100,7 +110,7 @@ class BodyGateMiddleware:
             request_id = str(scope.get("state", {}).get("request_id") or "-")
             # Answered before routing: name the route as the router would, for the request count.
             scope.setdefault("route", matched_route(scope))
-            await sealserve_error_response(exc, request_id)(scope, receive, send)
+            await self._error_answer(exc, scope, request_id)(scope, receive, send)
             return
         scope.setdefault("state", {})[PRINCIPAL_STATE_KEY] = principal
         await self.app(scope, _capped(receive, limit), send)
@@ -173,14 +183,17 @@ class GateMiddleware:
         started = self._clock()
         # Server-Timing reports real elapsed time, whatever clock the usage record is given.
         started_perf = time.perf_counter()
+        recorded = False
         status: int | None = None
 
         async def send_with_rate_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal recorded, status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 admission = admission_of(scope)
                 if admission is not None:
+                    recorded = True
+                    self._record_usage(scope, admission, status, started)
                     extra = admission.headers()
                     extra[SERVER_TIMING_HEADER] = admission.server_timing(
                         (time.perf_counter() - started_perf) * 1000
@@ -197,7 +210,8 @@ class GateMiddleware:
                 # The request is over (its stream too, or the client went away): a concurrency
                 # slot it held is given back (lib/accounts/compute.py).
                 admission.release()
-                self._record_usage(scope, admission, status or 500, started)
+                if not recorded:  # no response went out
+                    self._record_usage(scope, admission, 500, started)
 
     def _record_usage(self, scope: AsgiScope, admission: Admission, status: int, started: float) -> None:
         try:

@@ -112,6 +112,11 @@ def test_each_error_class_maps_to_its_status_and_code(client: TestClient, name: 
         assert response.headers["WWW-Authenticate"] == "Bearer"
     else:
         assert "WWW-Authenticate" not in response.headers
+    # A dependency away (e.g. a model replica being replaced): the client is told when to retry.
+    if cls.status_code == 503:
+        assert int(response.headers["Retry-After"]) >= 1
+    elif cls.status_code != 429:
+        assert "Retry-After" not in response.headers
 
 
 @pytest.mark.parametrize(

@@ -179,3 +179,29 @@ def test_the_budget_refills_over_time() -> None:
     ticker.now += 1.0
     assert cache.get(generate_api_key()) is None
     assert len(lookup.calls) == 3
+
+
+def test_the_database_down_known_keys_answer_within_the_grace_and_unknown_ones_fail() -> None:
+    ticker = Ticker()
+    found = record(expires_at=None)
+    calls = {"n": 0, "down": False}
+
+    def lookup(digest: str) -> KeyRecord | None:
+        calls["n"] += 1
+        if calls["down"]:
+            raise ServiceUnavailableError("database down")
+        return found
+
+    cache = KeyCache(lookup, ttl_s=5.0, clock=ticker, stale_grace_s=60.0, stale_on=(ServiceUnavailableError,))
+    key = generate_api_key()
+    assert cache.get(key) == found
+    calls["down"] = True
+    ticker.now += 30.0  # past the TTL, within the grace: answered from memory, asked again once
+    assert cache.get(key) == found
+    asked = calls["n"]
+    assert cache.get(key) == found and calls["n"] == asked  # not asked again within a TTL
+    ticker.now += 40.0  # past TTL + grace since it was last found
+    with pytest.raises(ServiceUnavailableError):
+        cache.get(key)
+    with pytest.raises(ServiceUnavailableError):  # a key never seen valid is not guessed
+        cache.get(generate_api_key())

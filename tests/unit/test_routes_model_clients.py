@@ -361,6 +361,13 @@ def test_an_error_the_model_raised_reaches_the_caller_as_itself() -> None:
 # --- health ---------------------------------------------------------------------------------------
 
 
+def test_a_degraded_dependency_shows_in_health_but_keeps_it_ready() -> None:
+    # e.g. the rate limiter not answering: limits are a per-replica share (deployments/rate_limiter.py)
+    health = asyncio.run(clients(degraded=lambda: ["RateLimiter: not answering"]).health())
+    assert (health.status, health.ready) == ("degraded", True)
+    assert health.errors == ["RateLimiter: not answering"]
+
+
 def test_health_is_ok_when_every_part_answers() -> None:
     health = asyncio.run(clients().health())
     assert (health.status, health.ready, health.device, health.models) == ("ok", True, "cpu", 2)

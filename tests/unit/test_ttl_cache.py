@@ -81,3 +81,70 @@ def test_zero_ttl_always_looks_up() -> None:
 def test_bad_bounds_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         make({}, **kwargs)
+
+
+# --- stale on error (the database down) ------------------------------------------------------------
+
+
+class Down(Exception):
+    pass
+
+
+class FailingLookup(Lookup):
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__(values)
+        self.down = False
+
+    def __call__(self, key: str) -> str | None:
+        self.calls.append(key)
+        if self.down:
+            raise Down("database down")
+        return self.values.get(key)
+
+
+def stale_cache(grace_s: float) -> tuple[TtlCache[str, str], FailingLookup, Clock]:
+    lookup, clock = FailingLookup({"a": "A"}), Clock()
+    cache = TtlCache(lookup, ttl_s=5.0, negative_ttl_s=1.0, clock=clock, stale_grace_s=grace_s,
+                     stale_on=(Down,))
+    return cache, lookup, clock
+
+
+def test_a_known_entry_outlives_an_outage_for_the_grace_only() -> None:
+    cache, lookup, clock = stale_cache(grace_s=60.0)
+    assert cache.get("a") == "A"
+    lookup.down = True
+    clock.now = 10.0
+    assert cache.get("a") == "A"  # stale, within 5 s TTL + 60 s grace of its lookup
+    clock.now = 12.0
+    assert cache.get("a") == "A"
+    assert lookup.calls == ["a", "a"]  # asked again only after a TTL, not on every request
+    clock.now = 65.1
+    with pytest.raises(Down):
+        cache.get("a")  # past the grace: the outage shows
+
+
+def test_an_unknown_or_refused_key_is_never_served_stale() -> None:
+    cache, lookup, clock = stale_cache(grace_s=60.0)
+    assert cache.get("nope") is None  # cached as not found
+    lookup.down = True
+    clock.now = 2.0
+    with pytest.raises(Down):
+        cache.get("nope")
+    with pytest.raises(Down):
+        cache.get("never-seen")
+
+
+def test_other_errors_and_a_zero_grace_fail_as_before() -> None:
+    cache, lookup, clock = stale_cache(grace_s=0.0)
+    cache.get("a")
+    lookup.down = True
+    clock.now = 5.5
+    with pytest.raises(Down):
+        cache.get("a")
+    cache, lookup, clock = stale_cache(grace_s=60.0)
+    cache.get("a")
+    lookup.values = None  # type: ignore[assignment]  # a bug in the lookup: AttributeError
+    lookup.down = False
+    clock.now = 6.0
+    with pytest.raises(AttributeError):
+        cache.get("a")
