@@ -232,3 +232,14 @@ def test_an_older_database_gains_a_unique_request_id(database_url: str) -> None:
 def test_a_journal_line_holds_the_whole_record() -> None:
     record = UsageRecord("k", "POST /v1/infer", 200, 3.5, "m", 2, T0, cost=60)
     assert decode(encode(record).rstrip(b"\n")) == record
+
+
+def test_the_journal_keeps_every_field_of_a_usage_record() -> None:
+    # A field added to UsageRecord but not journaled would be lost for a record recovered
+    # after a crash: the journal's line must carry them all.
+    from dataclasses import fields
+
+    from lib.accounts.journal import _FIELDS
+    from lib.accounts.records import UsageRecord
+
+    assert {*_FIELDS, "timestamp"} == {f.name for f in fields(UsageRecord)}
