@@ -63,7 +63,7 @@ def client(api: ServeInstance) -> openai.OpenAI:
 
 
 def generations(api: ServeInstance) -> dict[str, int]:
-    health = api.get("/health", timeout=30).json()
+    health = api.get("/health", headers=api.auth(), timeout=30).json()  # details: admin only
     [t2i] = [d for d in health["deployments"] if d["deployment"] == "TextToImage"]
     return {"running": t2i["running_generations"], "cancelled": t2i["cancelled_generations"]}
 
