@@ -42,8 +42,18 @@ def _timed(call: Callable[[], str]) -> tuple[float, str]:
     return time.perf_counter() - started, image
 
 
+def local_path(model_id: str, model_dirs: list[Path]) -> Path:
+    """Where the service's model lies on this machine (the API never says: paths stay private)."""
+    from lib.models.catalog import ModelCatalog, find_model
+
+    found = find_model(ModelCatalog(model_dirs).scan(), model_id).path
+    if found is None:
+        raise RuntimeError(f"model {model_id[:12]} is not in {model_dirs}")
+    return Path(found)
+
+
 def infer_section(
-    url: str, headers: dict[str, str], *, size: int, steps: int, repeats: int
+    url: str, headers: dict[str, str], *, size: int, steps: int, repeats: int, model_dirs: list[Path]
 ) -> dict[str, Any]:
     models = requests.get(f"{url}/v1/models", headers=headers, timeout=30).json()["models"]
     sd = [m for m in models if m.get("kind") == "text-to-image"]
@@ -69,7 +79,7 @@ def infer_section(
 
     device = detect_device()
     started = time.perf_counter()
-    pipe = load_pipeline(Path(model["path"]), device)
+    pipe = load_pipeline(local_path(model["id"], model_dirs), device)
     load_s = time.perf_counter() - started
     params = resolve_params(InferRequest(**fields), default_steps=steps, default_guidance_scale=7.5)
     default_threads = torch.get_num_threads()

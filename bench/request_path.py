@@ -113,7 +113,9 @@ def wait_for(what: str, server: Server, timeout_s: float, check: Any) -> Any:
 def create_key() -> tuple[str, str | None]:
     out = subprocess.run(
         [str(BIN / "sealserve"), "keys", "create", "--name", f"bench-{int(time.time())}",
-         "--scopes", "infer,classify", "--rate-limit", "100000/minute"],
+         # The bench measures the path, not the limits: no budget or cap to run into.
+         "--scopes", "infer,classify", "--rate-limit", "100000/minute", "--budget", "none",
+         "--max-concurrent", "none"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
     )
     return parse_created_key(out.stdout)
@@ -290,7 +292,8 @@ def run(args: argparse.Namespace, servers: list[Server], state: dict[str, Any]) 
     compare("c32", 32)
     print("/v1/infer and a direct diffusers call ...", flush=True)
     sections["infer"] = infer_section(
-        url, headers, size=args.infer_size, steps=args.infer_steps, repeats=args.infer_repeats)
+        url, headers, size=args.infer_size, steps=args.infer_steps, repeats=args.infer_repeats,
+        model_dirs=[ROOT / "ai-models"])
     c1 = stages.get("c1", {})
     usage_p50 = stages["usage_record"]["p50_ms"]
     stages["usage_record_p50_ms"] = usage_p50

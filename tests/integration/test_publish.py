@@ -218,3 +218,27 @@ def test_changed_content_under_the_same_name_is_replaced_with_a_new_id(
         tar.extractall(tmp_path / "unpacked", filter="data")
     assert _tree(tmp_path / "unpacked") == _tree(source)
     assert hashlib.sha256(plaintext.read_bytes()).hexdigest() == second.id
+
+
+def test_a_big_part_gone_from_the_store_is_named_to_nodes_and_uploaded_again_by_publish(
+    resource_api: ResourceApiServer, s3_server: S3Server, demo_models_dir: Path, tmp_path: Path
+) -> None:
+    """A lifecycle rule (or a person) deleted the big part: the manifest still lists it."""
+    from lib.errors import NotFoundError
+
+    source = demo_models_dir / "tiny-classifier"
+    first = _publish(resource_api, s3_server, source, "gone-clf", tmp_path / "work")
+    cdn = CdnClient(s3_server.config(BUCKET))
+    try:
+        cdn.delete(first.big_key)
+    finally:
+        cdn.close()
+
+    with pytest.raises(NotFoundError) as missing:
+        _fetch_as_node(resource_api, "gone-clf", tmp_path / "node-before")
+    assert first.big_key in str(missing.value)  # the node's error names the missing object
+
+    again = _publish(resource_api, s3_server, source, "gone-clf", tmp_path / "work")
+    assert (again.status, again.id) == ("replaced", first.id)  # not "unchanged"
+    _, plaintext = _fetch_as_node(resource_api, "gone-clf", tmp_path / "node-after")
+    assert sha256_file(plaintext) == first.id
