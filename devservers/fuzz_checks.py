@@ -15,6 +15,9 @@ from typing import Any
 
 import schemathesis
 
+# Routes whose errors take OpenAI's shape (deployments/routes/openai.py).
+OPENAI_PATH_PREFIX = "/v1/images/"
+
 
 @schemathesis.check
 def error_body_shape(ctx: Any, response: Any, case: Any) -> bool | None:
@@ -27,6 +30,15 @@ def error_body_shape(ctx: Any, response: Any, case: Any) -> bool | None:
     if not isinstance(body, dict) or set(body) != {"error"} or not isinstance(body["error"], dict):
         raise AssertionError(f"a {response.status_code} whose body is not an error object: {body!r:.200}")
     error = body["error"]
+    if str(getattr(case, "path", "")).startswith(OPENAI_PATH_PREFIX):
+        # OpenAI's error shape, which the openai client parses (docs/clients.md).
+        if set(error) != {"code", "message", "type", "param", "request_id"}:
+            raise AssertionError(f"OpenAI error fields are {sorted(error)}")
+        if not all(isinstance(error[f], str) and error[f] for f in ("code", "message", "type", "request_id")):
+            raise AssertionError(f"OpenAI error fields must be non-empty strings: {error!r:.200}")
+        if error["param"] is not None and not isinstance(error["param"], str):
+            raise AssertionError(f"OpenAI error param must be a string or null: {error!r:.200}")
+        return None
     if set(error) != {"code", "message", "request_id"}:
         raise AssertionError(f"error fields are {sorted(error)}, not code, message, request_id")
     if not all(isinstance(error[field], str) and error[field] for field in ("code", "message", "request_id")):
