@@ -64,7 +64,7 @@ class RequestContextMiddleware:
             if refusal is not None:
                 await sealserve_error_response(refusal, request_id)(scope, receive, send_with_id)
                 return
-            receive = self._limited(receive)
+            receive = limited_receive(receive, self.max_body_bytes)
         await self.app(scope, receive, send_with_id)
 
     def _refusal(self, headers: Headers) -> SealserveError | None:
@@ -81,16 +81,23 @@ class RequestContextMiddleware:
             )
         return None
 
-    def _limited(self, receive: Receive) -> Receive:
-        received = 0
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise PayloadTooLargeError(f"request body exceeds {self.max_body_bytes} bytes")
-            return message
+def limited_receive(receive: Receive, limit: int, *, per_route: bool = False) -> Receive:
+    """``receive``, raising :class:`PayloadTooLargeError` (413) once the body passes ``limit`` bytes.
 
-        return limited_receive
+    The one body cap enforced while streaming: the global cap here, the per-route caps of the
+    ingress's body gate and of the resource API's guard (``per_route`` says so in the message).
+    """
+    received = 0
+    message_text = f"request body exceeds {limit} bytes" + (" for this route" if per_route else "")
+
+    async def limited() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLargeError(message_text)
+        return message
+
+    return limited

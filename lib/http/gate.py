@@ -37,6 +37,7 @@ from lib.accounts.gate import Admission, usage_record
 from lib.accounts.records import UsageRecord
 from lib.errors import BadRequestError, PayloadTooLargeError, SealserveError
 from lib.http.asgi import ASGIApp, AsgiScope, Message, Receive, Send
+from lib.http.context import limited_receive
 from lib.http.errors import sealserve_error_response
 from lib.observability import metrics
 
@@ -113,22 +114,7 @@ class BodyGateMiddleware:
             await self._error_answer(exc, scope, request_id)(scope, receive, send)
             return
         scope.setdefault("state", {})[PRINCIPAL_STATE_KEY] = principal
-        await self.app(scope, _capped(receive, limit), send)
-
-
-def _capped(receive: Receive, limit: int) -> Receive:
-    received = 0
-
-    async def capped_receive() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise PayloadTooLargeError(f"request body exceeds {limit} bytes for this route")
-        return message
-
-    return capped_receive
+        await self.app(scope, limited_receive(receive, limit, per_route=True), send)
 
 
 def attach_admission(scope: AsgiScope, admission: Admission) -> None:

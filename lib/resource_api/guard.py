@@ -15,7 +15,8 @@ from collections.abc import Callable
 from starlette.datastructures import Headers
 
 from lib.errors import PayloadTooLargeError, SealserveError
-from lib.http.asgi import ASGIApp, AsgiScope, Message, Receive, Send
+from lib.http.asgi import ASGIApp, AsgiScope, Receive, Send
+from lib.http.context import limited_receive
 from lib.http.errors import sealserve_error_response
 
 SMALL_BODY = 4 * 1024
@@ -59,19 +60,6 @@ class ResourceGuard:
             request_id = str(scope.get("state", {}).get("request_id", "-"))
             await sealserve_error_response(exc, request_id)(scope, receive, send)
             return
-        await self.app(scope, _limited(receive, cap), send)
+        await self.app(scope, limited_receive(receive, cap, per_route=True), send)
 
 
-def _limited(receive: Receive, cap: int) -> Receive:
-    received = 0
-
-    async def limited_receive() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > cap:
-                raise PayloadTooLargeError(f"request body exceeds {cap} bytes for this route")
-        return message
-
-    return limited_receive
