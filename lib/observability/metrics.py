@@ -68,7 +68,7 @@ RATE_LIMITED = _spec("sealserve_rate_limited_total", "counter", "Requests answer
 OVER_BUDGET = _spec("sealserve_over_budget_total", "counter", "Requests refused for an exhausted budget.")
 REQUEST_COST = _spec(
     "sealserve_request_cost_image_steps_total", "counter",
-    "Work done for callers in image-steps (images x denoising steps; a classified image is 1), by key id.",
+    "Image-steps charged to served requests (the cost of docs/accounts.md), by key id.",
     "key_id",
 )
 # The model deployments.
