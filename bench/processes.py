@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -168,6 +168,34 @@ def _wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float =
     return predicate()
 
 
+def cpu_seconds(processes: Sequence[Any]) -> float:
+    """User + system CPU time the processes have used so far (those that have exited count 0)."""
+    total = 0.0
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def wait_quiet(server: Server, since: float, *, cores: float = 0.25, window_s: float = 2.0,
+               timeout_s: float = 90.0) -> float:
+    """Wait (at most ``timeout_s``) until ``server``'s processes together use under ``cores`` CPU
+    over ``window_s``: what a load left behind (a replica stopping, a usage backlog being
+    written) is done. Returns the cores they used over the last window. An idle sealserve uses
+    ~0.1 core on the 2-core development machine (Ray's controller loop and health checks)."""
+    deadline = time.monotonic() + timeout_s
+    used = float("inf")
+    while time.monotonic() < deadline:
+        procs = server.members(since)
+        before = cpu_seconds(procs)
+        time.sleep(window_s)
+        used = (cpu_seconds(procs) - before) / window_s
+        if used < cores:
+            break
+    return used
+
+
 def describe(processes: Sequence[Any]) -> list[dict[str, Any]]:
     """pid, label, RSS and (when readable) PSS of each live process."""
     rows = []
@@ -207,11 +235,15 @@ class Sampler(threading.Thread):
         self._server, self._app, self._since = server, app, since
         self._origin, self._interval_s = clock_origin, interval_s
         self._stop_event = threading.Event()
+        self._paused = threading.Event()
         self.samples: list[dict[str, Any]] = []
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             started = time.perf_counter()
+            if self._paused.is_set():
+                self._stop_event.wait(self._interval_s)
+                continue
             with contextlib.suppress(psutil.Error, OSError):
                 procs = self._server.members(self._since)
                 rss = 0
@@ -225,6 +257,16 @@ class Sampler(threading.Thread):
                     "rss_mib": round(rss / 2**20, 1),
                 })
             self._stop_event.wait(max(0.0, self._interval_s - (time.perf_counter() - started)))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No samples meanwhile: a sample reads every process's /proc entries, CPU time that
+        would land inside what is being timed."""
+        self._paused.set()
+        try:
+            yield
+        finally:
+            self._paused.clear()
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -226,7 +226,8 @@ def sections(errors: int = 0, gate: float | None = 0.4) -> dict[str, Any]:
                      "c32": {"sealserve": _run(300, 100, errors), "baseline": _run(150, 200)}},
         "stages": {"c1": stage_costs([10.0], ["auth;dur=0.1, limit;dur=0.3, model;dur=5, app;dur=7"]),
                    "usage_record_p50_ms": 0.001, "gate_plus_usage_p50_ms": gate},
-        "infer": {"label": "tiny-sd", "device": "cpu", "ratio": 1.02, "ratio_of_minimums": 1.01,
+        "infer": {"label": "tiny-sd", "device": "cpu", "ratio": 1.02, "ratio_of_medians": 1.06,
+                  "ratio_of_minimums": 1.01,
                   "sealserve": {"median_s": 0.306, "spread": 1.1},
                   "direct": {"median_s": 0.3, "torch_threads": 2, "spread": 1.2},
                   "direct_1_thread": {"median_s": 0.3, "spread": 1.1},
@@ -265,7 +266,13 @@ def test_a_noisy_infer_comparison_says_so() -> None:
     row = next(r for r in build_report(noisy)["targets"] if r["name"].startswith("/v1/infer"))
     assert row["met"] is True and "noisy" in row["note"] and "1.01x" in row["note"]
     quiet = next(r for r in build_report(sections())["targets"] if r["name"].startswith("/v1/infer"))
-    assert quiet["note"] is None
+    assert "noisy" not in quiet["note"] and "1.01x" in quiet["note"]
+
+
+def test_the_infer_target_is_judged_on_the_paired_rounds() -> None:
+    row = next(r for r in build_report(sections())["targets"] if r["name"].startswith("/v1/infer"))
+    # 1.02x paired meets 1.05x; the ratio of medians (1.06x) is shown, not judged.
+    assert row["value"] == 1.02 and row["met"] is True and "ratio of medians 1.06x" in row["note"]
 
 
 def test_merged_rounds_are_one_result() -> None:
