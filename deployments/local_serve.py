@@ -117,8 +117,9 @@ def stop(state: dict[str, Any], reason: str) -> int:
     """``--stop``: what the supervisor runs on a signal, in its own process (same pid)."""
     print(f"stopping sealserve ({reason}) ...", flush=True)
     try:
-        ray.init(address=state["address"], namespace=SERVE_NAMESPACE, log_to_driver=False)
-        serve.shutdown()  # drains the replicas, as serve run does on Ctrl-C
+        if reason != "ray":  # with the GCS or raylet gone there is nothing to drain (or to reach)
+            ray.init(address=state["address"], namespace=SERVE_NAMESPACE, log_to_driver=False)
+            serve.shutdown()  # drains the replicas, as serve run does on Ctrl-C
     except Exception as exc:  # Ray already gone: its processes are stopped below
         print(f"note: Serve could not be shut down gracefully ({type(exc).__name__}: {exc})",
               file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""`sealserve serve` stops cleanly on SIGINT (Ctrl-C) and on SIGTERM (a process manager's stop).
+"""`sealserve serve` stops cleanly on SIGINT (Ctrl-C) and on SIGTERM (a process manager's stop),
+and stops the rest (exit 1) when Ray's raylet dies under it.
 
 A real `sealserve serve` process serves a sealed classifier published to a real resource API and
 S3 (tests/sealed_world.py); one request makes the node decrypt it into the cache root. The pids
@@ -90,10 +91,13 @@ def ready(url: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "raylet-killed"])
 def test_a_stop_leaves_no_process_no_port_and_no_plaintext(
-    stop: signal.Signals, world: SealedWorld, plaintext: tuple[Path, dict[str, int]], tmp_path: Path
+    stop: str, world: SealedWorld, plaintext: tuple[Path, dict[str, int]], tmp_path: Path
 ) -> None:
+    """A signal stops everything gracefully (exit 0). When Ray's raylet dies on its own (SIGKILL
+    here), the service stops the rest and exits 1, so that a process manager restarts it; its
+    model cache is then swept by the next start, not by this one (no replica shut down)."""
     from tests.integration.test_api import png_b64
 
     _, digests = plaintext
@@ -115,16 +119,23 @@ def test_a_stop_leaves_no_process_no_port_and_no_plaintext(
         members = server.members(since=began)
         assert len(members) > 3, describe(members)  # the driver, Ray's processes and the replicas
 
-        server.process.send_signal(stop)
         started = time.monotonic()
-        server.process.wait(timeout=STOP_TIMEOUT_S)
+        if stop == "raylet-killed":
+            raylets = [p for p in members if p.name() == "raylet"]
+            assert len(raylets) == 1, describe(members)
+            raylets[0].kill()
+        else:
+            server.process.send_signal(getattr(signal, stop))
+        returncode = server.process.wait(timeout=STOP_TIMEOUT_S)
         wait_for(server.leftovers, lambda left: not left, timeout=30, what="every process of the run gone",
                  context=lambda: describe([psutil.Process(pid) for pid in server.leftovers()]))
         elapsed = time.monotonic() - started
+        assert returncode == (1 if stop == "raylet-killed" else 0), server.log_tail()
         assert port_is_free(port), f"port {port} still held after the stop"
-        assert find_copies(digests, [world.cache_dir], exclude=[]) == []
-        left = [p for p in world.cache_dir.rglob("*") if p.is_file()] if world.cache_dir.exists() else []
-        assert left == [], left
-        print(f"{stop.name}: stopped in {elapsed:.1f} s, {len(server.seen)} processes")
+        if stop != "raylet-killed":
+            assert find_copies(digests, [world.cache_dir], exclude=[]) == []
+            left = [p for p in world.cache_dir.rglob("*") if p.is_file()] if world.cache_dir.exists() else []
+            assert left == [], left
+        print(f"{stop}: stopped in {elapsed:.1f} s, {len(server.seen)} processes")
     finally:
         server.stop()  # what a failed stop left, signalled by pid
