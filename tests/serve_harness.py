@@ -110,6 +110,35 @@ def running_serve(
         serve.shutdown()
 
 
+@contextmanager
+def serving_demo_models(
+    demo_models_dir: Path,
+    tmp_path_factory: Any,
+    args: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+    *,
+    state_dir: Path | None = None,
+) -> Iterator[ServeInstance]:
+    """The application in production mode on a copy of the demo models, with a state directory
+    of its own (``state_dir``, else a new one): ``args`` add app args, ``options`` Serve options
+    by deployment name. Deployed as ``build_app`` deploys (preflight, then the graph)."""
+    start_ray()
+    from deployments.app import bind_graph
+    from lib.preflight import preflight
+    from lib.settings import AppSettings
+
+    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
+    settings = AppSettings.from_args({
+        "environment": "production",
+        **(args or {}),
+        "model_dirs": [str(model_dir)],
+        "state_dir": str(state_dir or tmp_path_factory.mktemp("state")),
+    })
+    preflight(settings)
+    with running_serve(bind_graph(settings, options), model_dir) as instance:
+        yield instance
+
+
 def wait_ready(instance: ServeInstance, timeout: float = READY_TIMEOUT_S) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     last: Any = None

@@ -38,9 +38,7 @@ from tests.serve_harness import (
     TEST_API_KEY,
     TEST_SECRET_KEY,
     ServeInstance,
-    copy_demo_models,
-    running_serve,
-    start_ray,
+    serving_demo_models,
 )
 
 KEY_CACHE_TTL_S = 1.0
@@ -92,11 +90,6 @@ def api(
     demo_models_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServeInstance]:
-    start_ray()
-    from deployments.app import bind_graph
-    from lib.settings import AppSettings
-
-    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
     accounts: dict[str, Any] = {
         "key_cache_ttl_s": KEY_CACHE_TTL_S,
         "key_cache_negative_ttl_s": 0.5,
@@ -110,15 +103,8 @@ def api(
     else:
         # The production way: a URL with a password comes from the ingress's environment.
         ingress["ray_actor_options"]["runtime_env"] = {"env_vars": {"DATABASE_URL": database_url}}
-    settings = AppSettings.from_args(
-        {
-            "environment": "production",
-            "model_dirs": [str(model_dir)],
-            "state_dir": str(tmp_path_factory.mktemp("state")),
-            "accounts": accounts,
-        }
-    )
-    with running_serve(bind_graph(settings, {"Ingress": ingress}), model_dir) as instance:
+    args = {"accounts": accounts}
+    with serving_demo_models(demo_models_dir, tmp_path_factory, args, {"Ingress": ingress}) as instance:
         yield instance
 
 

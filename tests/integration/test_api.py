@@ -20,9 +20,7 @@ from tests.serve_harness import (
     TEST_API_KEY,
     TEST_SECRET_KEY,
     ServeInstance,
-    copy_demo_models,
-    running_serve,
-    start_ray,
+    serving_demo_models,
 )
 
 SCAN_INTERVAL_S = 1.0
@@ -31,21 +29,9 @@ DEFAULT_STEPS = 2
 
 @pytest.fixture(scope="module")
 def api(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInstance]:
-    start_ray()
-    from deployments.app import build_app
-
-    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
-    app = build_app(
-        {
-            "environment": "production",
-            "model_dirs": [str(model_dir)],
-            "model_scan_interval": SCAN_INTERVAL_S,
-            "default_inference_steps": DEFAULT_STEPS,
-            "state_dir": str(tmp_path_factory.mktemp("state")),
-            "max_body_bytes": 2 * 1024 * 1024,
-        }
-    )
-    with running_serve(app, model_dir) as instance:
+    args = {"model_scan_interval": SCAN_INTERVAL_S, "default_inference_steps": DEFAULT_STEPS,
+            "max_body_bytes": 2 * 1024 * 1024}
+    with serving_demo_models(demo_models_dir, tmp_path_factory, args) as instance:
         yield instance
 
 

@@ -23,11 +23,9 @@ from PIL import Image
 from tests.serve_harness import (
     ServeInstance,
     background_load,
-    copy_demo_models,
     deployment_status,
     replica_states,
-    running_serve,
-    start_ray,
+    serving_demo_models,
     wait_for,
 )
 
@@ -62,23 +60,13 @@ SCALE_TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def api(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInstance]:
-    start_ray()
-    from deployments.app import KNOWN_OPTIONS, bind_graph
-    from lib.settings import AppSettings
+    from deployments.app import KNOWN_OPTIONS
 
     for name, options in OPTIONS.items():
         assert set(options) <= KNOWN_OPTIONS[name], name
-    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
-    settings = AppSettings.from_args(
-        {
-            "environment": "production",
-            "model_dirs": [str(model_dir)],
-            "state_dir": str(tmp_path_factory.mktemp("state")),
-            # The load is thousands of requests a minute from one bootstrap key: no limit here.
-            "accounts": {"bootstrap_rate_limit": None},
-        }
-    )
-    with running_serve(bind_graph(settings, OPTIONS), model_dir) as instance:
+    # The load is thousands of requests a minute from one bootstrap key: no limit here.
+    args = {"accounts": {"bootstrap_rate_limit": None}}
+    with serving_demo_models(demo_models_dir, tmp_path_factory, args, OPTIONS) as instance:
         yield instance
 
 

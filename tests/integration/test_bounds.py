@@ -32,9 +32,7 @@ from tests.serve_harness import (
     APP_NAME,
     TEST_API_KEY,
     ServeInstance,
-    copy_demo_models,
-    running_serve,
-    start_ray,
+    serving_demo_models,
     wait_for,
 )
 
@@ -45,25 +43,15 @@ DEFAULT_STEPS = 2
 
 @pytest.fixture(scope="module")
 def api(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInstance]:
-    start_ray()
-    from deployments.app import bind_graph
-    from lib.settings import AppSettings
-
-    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
-    settings = AppSettings.from_args(
-        {
-            "environment": "production",
-            "model_dirs": [str(model_dir)],
-            "state_dir": str(tmp_path_factory.mktemp("state")),
-            "default_inference_steps": DEFAULT_STEPS,
-            "accounts": {
-                "database_url": f"sqlite:///{tmp_path_factory.mktemp('db') / 'accounts.db'}",
-                "usage_flush_interval_s": 0.5,
-            },
-        }
-    )
+    args = {
+        "default_inference_steps": DEFAULT_STEPS,
+        "accounts": {
+            "database_url": f"sqlite:///{tmp_path_factory.mktemp('db') / 'accounts.db'}",
+            "usage_flush_interval_s": 0.5,
+        },
+    }
     ingress = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}
-    with running_serve(bind_graph(settings, {"Ingress": ingress}), model_dir) as instance:
+    with serving_demo_models(demo_models_dir, tmp_path_factory, args, {"Ingress": ingress}) as instance:
         yield instance
 
 

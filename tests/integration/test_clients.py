@@ -22,7 +22,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.serve_harness import TEST_API_KEY, ServeInstance, copy_demo_models, running_serve, start_ray
+from tests.serve_harness import TEST_API_KEY, ServeInstance, serving_demo_models
 
 DEFAULT_STEPS = 2
 # Far beyond the bounded waits below: a generation that stops here was stopped by its hang-up.
@@ -34,20 +34,8 @@ EXPENSIVE = {"width": 1024, "height": 1024, "num_inference_steps": 150, "num_ima
 
 @pytest.fixture(scope="module")
 def api(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInstance]:
-    start_ray()
-    from deployments.app import build_app
-
-    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
-    app = build_app(
-        {
-            "environment": "production",
-            "model_dirs": [str(model_dir)],
-            "default_inference_steps": DEFAULT_STEPS,
-            "request_timeout_s": REQUEST_TIMEOUT_S,
-            "state_dir": str(tmp_path_factory.mktemp("state")),
-        }
-    )
-    with running_serve(app, model_dir) as instance:
+    args = {"default_inference_steps": DEFAULT_STEPS, "request_timeout_s": REQUEST_TIMEOUT_S}
+    with serving_demo_models(demo_models_dir, tmp_path_factory, args) as instance:
         yield instance
 
 

@@ -30,9 +30,7 @@ from tests.postgres_schema import REQUIRE_ENV, postgres_base_url
 from tests.serve_harness import (
     TEST_API_KEY,
     ServeInstance,
-    copy_demo_models,
-    running_serve,
-    start_ray,
+    serving_demo_models,
     wait_for,
 )
 
@@ -71,22 +69,10 @@ def database_url() -> Iterator[str]:
 def api(
     database_url: str, demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServeInstance]:
-    start_ray()
-    from deployments.app import bind_graph
-    from lib.settings import AppSettings
-
-    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
-    settings = AppSettings.from_args(
-        {
-            "environment": "production",
-            "model_dirs": [str(model_dir)],
-            "state_dir": str(tmp_path_factory.mktemp("state")),
-            "accounts": {"key_cache_ttl_s": KEY_CACHE_TTL_S, "usage_flush_interval_s": 0.5},
-        }
-    )
+    args = {"accounts": {"key_cache_ttl_s": KEY_CACHE_TTL_S, "usage_flush_interval_s": 0.5}}
     environment = {"env_vars": {"DATABASE_URL": database_url}}
     ingress = {"num_replicas": 1, "ray_actor_options": {"runtime_env": environment}}
-    with running_serve(bind_graph(settings, {"Ingress": ingress}), model_dir) as instance:
+    with serving_demo_models(demo_models_dir, tmp_path_factory, args, {"Ingress": ingress}) as instance:
         yield instance
 
 

@@ -30,11 +30,10 @@ import yaml
 from tests.serve_harness import (
     ServeInstance,
     background_load,
-    copy_demo_models,
     deployment_status,
     own_ray,
     replica_states,
-    running_serve,
+    serving_demo_models,
     wait_for,
 )
 
@@ -86,19 +85,14 @@ def one_gpu_ray() -> Iterator[None]:
 def api(
     one_gpu_ray: None, demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServeInstance]:
-    from deployments.app import KNOWN_OPTIONS, bind_graph
-    from lib.settings import AppSettings
+    from deployments.app import KNOWN_OPTIONS
 
     options = adjusted_options()
     for name, deployment_options in options.items():
         assert set(deployment_options) <= KNOWN_OPTIONS[name], name
     args, _ = gpu_yaml()
-    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
-    # gpu.yaml's args, with this machine's paths for its /models and the state.
-    settings = AppSettings.from_args(
-        {**args, "model_dirs": [str(model_dir)], "state_dir": str(tmp_path_factory.mktemp("state"))}
-    )
-    with running_serve(bind_graph(settings, options), model_dir) as instance:
+    # gpu.yaml's args, with this machine's paths for its /models and the state (the helper's).
+    with serving_demo_models(demo_models_dir, tmp_path_factory, args, options) as instance:
         yield instance
 
 

@@ -37,10 +37,8 @@ from tests.serve_harness import (
     TEST_API_KEY,
     ServeInstance,
     background_load,
-    copy_demo_models,
     replica_states,
-    running_serve,
-    start_ray,
+    serving_demo_models,
     wait_for,
 )
 
@@ -56,30 +54,21 @@ STEPS = 40
 def service(
     demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServeInstance, str, Path]]:
-    start_ray()
-    from deployments.app import bind_graph
-    from lib.settings import AppSettings
-
-    model_dir = copy_demo_models(demo_models_dir, tmp_path_factory.mktemp("models"))
     state_dir = tmp_path_factory.mktemp("state")
     database_url = f"sqlite:///{state_dir / 'accounts.db'}"
-    settings = AppSettings.from_args(
-        {
-            "environment": "production",
-            "model_dirs": [str(model_dir)],
-            "state_dir": str(state_dir),
-            "accounts": {
-                "database_url": database_url,
-                # Longer than the module runs: only the journal can save a killed replica's usage.
-                "usage_flush_interval_s": 3600,
-                "usage_batch_size": 10_000,
-                "usage_recovery_interval_s": 2,
-            },
-        }
-    )
+    args = {
+        "accounts": {
+            "database_url": database_url,
+            # Longer than the module runs: only the journal can save a killed replica's usage.
+            "usage_flush_interval_s": 3600,
+            "usage_batch_size": 10_000,
+            "usage_recovery_interval_s": 2,
+        },
+    }
     fast_checks = {"num_replicas": 1, "health_check_period_s": 1, "health_check_timeout_s": 5}
     options = {"Ingress": fast_checks, "TextToImage": fast_checks}
-    with running_serve(bind_graph(settings, options), model_dir) as instance:
+    serving = serving_demo_models(demo_models_dir, tmp_path_factory, args, options, state_dir=state_dir)
+    with serving as instance:
         yield instance, database_url, state_dir
 
 
