@@ -77,6 +77,25 @@ def parse_budget(spec: str) -> RateLimitSpec:
     return parse_rate_limit(spec, maximum=MAX_BUDGET, what="budget")
 
 
+def rate_limit_field(value: str | None) -> str | None:
+    """A pydantic field validator: a rate limit in canonical form, or None (no limit)."""
+    return _field(parse_rate_limit, value)
+
+
+def budget_field(value: str | None) -> str | None:
+    """A pydantic field validator: a budget in canonical form, or None (unlimited)."""
+    return _field(parse_budget, value)
+
+
+def _field(parse: Callable[[str], RateLimitSpec], value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(parse(value))
+    except ValidationFailedError as exc:
+        raise ValueError(exc.message) from None  # pydantic reports a ValueError as a 422 field error
+
+
 @dataclass(frozen=True)
 class RateDecision:
     """The answer to one hit; the fields map onto the ``RateLimit-*`` / ``Retry-After`` headers.

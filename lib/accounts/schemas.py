@@ -10,7 +10,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lib.accounts.rate_limit import parse_rate_limit
+from lib.accounts.rate_limit import budget_field, rate_limit_field
 from lib.accounts.records import (
     DEFAULT_BUDGET,
     DEFAULT_MAX_CONCURRENT,
@@ -19,7 +19,6 @@ from lib.accounts.records import (
     Scope,
     UsageStat,
     UsageSummary,
-    valid_budget,
 )
 from lib.accounts.store import UsageGrouping
 from lib.durations import parse_duration
@@ -58,22 +57,6 @@ def _optional_duration(value: str | None) -> str | None:
     return None if value is None else _duration(value)
 
 
-def _rate_limit(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return str(parse_rate_limit(value))
-    except ValidationFailedError as exc:
-        raise ValueError(exc.message) from None
-
-
-def _budget(value: str | None) -> str | None:
-    try:
-        return valid_budget(value)
-    except ValidationFailedError as exc:
-        raise ValueError(exc.message) from None
-
-
 _BUDGET_DESCRIPTION = (
     "Compute budget in image-steps per window (one denoising step of one 512x512 image), as "
     "N/second|minute|hour|day; null: unlimited."
@@ -100,8 +83,8 @@ class CreateKeyRequest(_Request):
         DEFAULT_MAX_CONCURRENT, ge=1, le=MAX_CONCURRENT_LIMIT, description=_MAX_CONCURRENT_DESCRIPTION
     )
 
-    _valid_rate_limit = field_validator("rate_limit")(_rate_limit)
-    _valid_budget = field_validator("budget")(_budget)
+    _valid_rate_limit = field_validator("rate_limit")(rate_limit_field)
+    _valid_budget = field_validator("budget")(budget_field)
     _valid_expiry = field_validator("expires_in")(_optional_duration)
 
 
@@ -114,8 +97,8 @@ class UpdateKeyRequest(_Request):
         None, ge=1, le=MAX_CONCURRENT_LIMIT, description=_MAX_CONCURRENT_DESCRIPTION
     )
 
-    _valid_rate_limit = field_validator("rate_limit")(_rate_limit)
-    _valid_budget = field_validator("budget")(_budget)
+    _valid_rate_limit = field_validator("rate_limit")(rate_limit_field)
+    _valid_budget = field_validator("budget")(budget_field)
 
     @field_validator("rate_limit")
     @classmethod

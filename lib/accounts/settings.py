@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from lib.accounts.rate_limit import RateLimitSpec, parse_budget, parse_rate_limit
-from lib.errors import ValidationFailedError
+from lib.accounts.rate_limit import (
+    RateLimitSpec,
+    budget_field,
+    parse_budget,
+    parse_rate_limit,
+    rate_limit_field,
+)
 
 
 class AccountsSettings(BaseModel):
@@ -103,25 +108,8 @@ class AccountsSettings(BaseModel):
         "null: unlimited.",
     )
 
-    @field_validator("bootstrap_budget")
-    @classmethod
-    def _valid_budget(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return str(parse_budget(value))
-        except ValidationFailedError as exc:
-            raise ValueError(exc.message) from None
-
-    @field_validator("bootstrap_rate_limit")
-    @classmethod
-    def _valid_rate_limit(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return str(parse_rate_limit(value))
-        except ValidationFailedError as exc:
-            raise ValueError(exc.message) from None
+    _valid_budget = field_validator("bootstrap_budget")(budget_field)
+    _valid_rate_limit = field_validator("bootstrap_rate_limit")(rate_limit_field)
 
     @property
     def bootstrap_rate_limit_spec(self) -> RateLimitSpec | None:
