@@ -23,7 +23,6 @@ from lib.accounts.store import AccountStore, CreatedKey, KeyRecord, Scope, Usage
 from lib.accounts.usage import UsageRecorder
 from lib.db import redact_url
 from lib.errors import NotFoundError, ServiceUnavailableError, ValidationFailedError
-from tests.postgres_schema import temporary_schema
 
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 
@@ -37,20 +36,6 @@ class FakeClock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A URL whose connections live in a fresh schema, dropped after the test."""
-    with temporary_schema() as url:
-        yield url.render_as_string(hide_password=False)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'accounts.db'}"
-    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

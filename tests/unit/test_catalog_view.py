@@ -9,18 +9,11 @@ import pytest
 from lib.errors import ModelNotFoundError, WrongModelKindError
 from lib.models.catalog_view import CatalogView
 from lib.schemas import ModelInfo
+from tests.fake_clock import FakeClock
 
 
 def info(model_id: str, name: str, kind: str) -> ModelInfo:
     return ModelInfo(id=model_id, name=name, size=1, path="/m", extension="", kind=kind, status="available")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Source:
@@ -34,7 +27,7 @@ class Source:
 
 
 def test_resolves_by_id_name_and_default_with_one_fetch() -> None:
-    source, clock = Source(), Clock()
+    source, clock = Source(), FakeClock(100.0)
     view = CatalogView(source, clock=clock)
 
     async def run() -> list[str]:
@@ -49,7 +42,7 @@ def test_resolves_by_id_name_and_default_with_one_fetch() -> None:
 
 
 def test_unknown_models_refresh_at_most_once_per_interval() -> None:
-    source, clock = Source(), Clock()
+    source, clock = Source(), FakeClock(100.0)
     view = CatalogView(source, clock=clock, min_refresh_interval_s=1.0)
 
     async def unknown(n: int) -> None:
@@ -68,13 +61,13 @@ def test_unknown_models_refresh_at_most_once_per_interval() -> None:
 
 
 def test_a_wrong_kind_is_refused_from_the_snapshot() -> None:
-    view = CatalogView(Source(), clock=Clock())
+    view = CatalogView(Source(), clock=FakeClock(100.0))
     with pytest.raises(WrongModelKindError):
         asyncio.run(view.resolve("sd", "image-classification"))
 
 
 def test_a_stale_snapshot_is_refreshed_in_the_background() -> None:
-    source, clock = Source(), Clock()
+    source, clock = Source(), FakeClock(100.0)
     view = CatalogView(source, clock=clock, max_age_s=2.0)
 
     async def run() -> None:

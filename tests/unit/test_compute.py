@@ -7,7 +7,6 @@ reached, unless SEALSERVE_REQUIRE_POSTGRES=1), the schema upgrade of an older da
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,23 +23,15 @@ from lib.accounts.records import DEFAULT_BUDGET, DEFAULT_MAX_CONCURRENT, UsageRe
 from lib.accounts.store import UNCHANGED, AccountStore
 from lib.accounts.tables import ADDED_COLUMNS, AccountsBase
 from lib.errors import NotFoundError, RateLimitedError, ValidationFailedError
-from tests.postgres_schema import temporary_schema
+from tests.fake_clock import FakeClock
 
 HOUR = 3600
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Shared:
     """The application's one limiter (deployments/rate_limiter.py) in process; counts round trips."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: FakeClock) -> None:
         self.limiter = SlidingWindowLimiter(clock=clock)
         self.compute = SharedCompute(self.limiter, ConcurrencySlots(clock=clock))
         self.calls: list[str] = []
@@ -103,7 +94,7 @@ def test_a_charge_is_all_or_nothing_and_says_when_it_would_fit() -> None:
 
 
 def test_slots_are_counted_per_key_released_once_and_expire() -> None:
-    clock = Clock()
+    clock = FakeClock()
     slots = ConcurrencySlots(clock=clock)
     first, _ = slots.acquire("k", 2, ttl_s=60)
     second, in_use = slots.acquire("k", 2, ttl_s=60)
@@ -117,7 +108,7 @@ def test_slots_are_counted_per_key_released_once_and_expire() -> None:
 
 
 def test_a_generation_refused_for_either_limit_takes_nothing() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = SharedCompute(SlidingWindowLimiter(clock=clock), ConcurrencySlots(clock=clock))
     budget = RateLimitSpec(100, HOUR)
     held = shared.admit_generation("k", budget, 40, 1, 60)
@@ -138,7 +129,7 @@ def test_a_generation_refused_for_either_limit_takes_nothing() -> None:
 
 
 def test_budgets_stay_exact_across_replicas_with_mixed_costs() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     replicas = [LeasedLimiter(shared, clock=clock) for _ in range(2)]
     costs = [1, 30, 3, 1, 60, 1, 30, 1, 1, 3] * 10
@@ -158,7 +149,7 @@ def test_budgets_stay_exact_across_replicas_with_mixed_costs() -> None:
 
 
 def test_a_lease_keeps_its_tokens_when_a_larger_request_renews_it() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     limiter = LeasedLimiter(shared, clock=clock)
 
@@ -173,7 +164,7 @@ def test_a_lease_keeps_its_tokens_when_a_larger_request_renews_it() -> None:
 
 
 def test_a_denied_large_request_does_not_refuse_a_small_one() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     limiter = LeasedLimiter(shared, clock=clock)
 
@@ -193,7 +184,7 @@ def test_a_denied_large_request_does_not_refuse_a_small_one() -> None:
 
 
 def test_a_classify_charge_needs_no_round_trip_once_leased() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     gate = ComputeGate(shared, default_steps=30, slot_ttl_s=60)
     who = principal("20000/hour")
@@ -208,7 +199,7 @@ def test_a_classify_charge_needs_no_round_trip_once_leased() -> None:
 
 
 def test_an_admission_charges_a_generation_reports_it_and_gives_the_slot_back() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     gate = ComputeGate(shared, default_steps=30, slot_ttl_s=60)
     who = principal("100/hour", max_concurrent=1)
@@ -242,7 +233,7 @@ def test_an_admission_charges_a_generation_reports_it_and_gives_the_slot_back() 
 
 
 def test_an_unlimited_key_is_charged_without_asking_anyone() -> None:
-    shared = Shared(Clock())
+    shared = Shared(FakeClock())
     gate = ComputeGate(shared, default_steps=30, slot_ttl_s=60)
 
     async def go() -> dict[str, str]:
@@ -255,15 +246,6 @@ def test_an_unlimited_key_is_charged_without_asking_anyone() -> None:
 
 
 # --- the store, on both backends ------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'accounts.db'}"
-        return
-    with temporary_schema() as url:
-        yield url.render_as_string(hide_password=False)
 
 
 def test_keys_carry_budgets_that_can_be_changed_and_lifted(database_url: str) -> None:

@@ -8,20 +8,13 @@ import pytest
 
 from lib.accounts.leases import LEASE_FRACTION, MAX_LEASE, LeasedLimiter
 from lib.accounts.rate_limit import Grant, SlidingWindowLimiter
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import FakeClock
 
 
 class Shared:
     """The application's one limiter, in process, on the same fake clock; counts round trips."""
 
-    def __init__(self, clock: Clock, delay_s: float = 0.0) -> None:
+    def __init__(self, clock: FakeClock, delay_s: float = 0.0) -> None:
         self.limiter = SlidingWindowLimiter(clock=clock)
         self.calls: list[tuple[str, int]] = []
         self.delay_s = delay_s
@@ -41,7 +34,7 @@ def run_hits(limiter: LeasedLimiter, n: int, limit: int, window_s: int = 60, key
 
 
 def test_small_limits_lease_one_hit_at_a_time_and_stay_exact_across_replicas() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     replicas = [LeasedLimiter(shared, clock=clock) for _ in range(2)]
     allowed = 0
@@ -52,7 +45,7 @@ def test_small_limits_lease_one_hit_at_a_time_and_stay_exact_across_replicas() -
 
 
 def test_a_busy_key_needs_few_round_trips_and_never_exceeds_the_limit() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     limit = 20_000
     replicas = [LeasedLimiter(shared, clock=clock) for _ in range(2)]
@@ -73,7 +66,7 @@ def test_a_busy_key_needs_few_round_trips_and_never_exceeds_the_limit() -> None:
 
 
 def test_unspent_tokens_expire_with_the_lease_and_are_never_spent_late() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     limiter = LeasedLimiter(shared, clock=clock, ttl_s=1.0)
     assert all(run_hits(limiter, 10, limit=10_000))  # leases of 1, 2, 4, 8: 15 hits taken
@@ -86,7 +79,7 @@ def test_unspent_tokens_expire_with_the_lease_and_are_never_spent_late() -> None
 
 
 def test_a_denial_is_remembered_until_a_slot_frees() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     limiter = LeasedLimiter(shared, clock=clock)
     assert run_hits(limiter, 3, limit=3, window_s=60) == [True, True, True]
@@ -103,7 +96,7 @@ def test_a_denial_is_remembered_until_a_slot_frees() -> None:
 
 
 def test_a_changed_limit_replaces_the_lease() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock)
     limiter = LeasedLimiter(shared, clock=clock)
     run_hits(limiter, 5, limit=10_000)
@@ -113,7 +106,7 @@ def test_a_changed_limit_replaces_the_lease() -> None:
 
 
 def test_concurrent_requests_share_one_renewal_at_a_time() -> None:
-    clock = Clock()
+    clock = FakeClock()
     shared = Shared(clock, delay_s=0.01)
     limiter = LeasedLimiter(shared, clock=clock)
 
@@ -127,7 +120,7 @@ def test_concurrent_requests_share_one_renewal_at_a_time() -> None:
 
 
 def test_remaining_counts_down_through_local_tokens() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = LeasedLimiter(Shared(clock), clock=clock)
 
     async def remaining(n: int) -> list[int]:
@@ -141,4 +134,4 @@ def test_remaining_counts_down_through_local_tokens() -> None:
 @pytest.mark.parametrize("kwargs", [{"ttl_s": 0}, {"max_lease": 0}, {"max_keys": 0}])
 def test_invalid_configuration_is_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
-        LeasedLimiter(Shared(Clock()), **kwargs)  # type: ignore[arg-type]
+        LeasedLimiter(Shared(FakeClock()), **kwargs)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import pytest
 
 from deployments.rate_limiter import DEGRADED_MESSAGE, RateLimiterClient
 from lib.accounts.rate_limit import Grant, RateDecision, RateLimitSpec
+from tests.fake_clock import FakeClock
 
 DECISION = Grant(1, RateDecision(True, 5, 4, 60.0, 0.0))
 
@@ -45,19 +46,11 @@ class FakeHandle:
         return self.response
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def client_of(handle: FakeHandle, timeout_s: float = 1.0, replicas: int = 1,
               clock: FakeClock | None = None) -> RateLimiterClient:
     return RateLimiterClient(
         handle, timeout_s=timeout_s, replicas=lambda: replicas, fallback_s=5.0,  # type: ignore[arg-type]
-        clock=clock or FakeClock(),
+        clock=clock or FakeClock(100.0),
     )
 
 
@@ -80,7 +73,7 @@ def test_a_slow_limiter_is_cancelled_and_the_replica_counts_on_its_own() -> None
 
 def test_a_failing_limiter_gives_way_to_a_per_replica_share(caplog: pytest.LogCaptureFixture) -> None:
     handle = FakeHandle(FakeResponse(RuntimeError("replica died")))
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     client = client_of(handle, replicas=4, clock=clock)
 
     async def take_all() -> list[bool]:

@@ -15,19 +15,12 @@ from lib.accounts.rate_limit import RateDecision, RateLimitSpec, SlidingWindowLi
 from lib.accounts.records import KeyRecord, hash_api_key
 from lib.errors import AuthenticationError, PermissionDeniedError, RateLimitedError, ServiceUnavailableError
 from lib.tokens import TokenService
+from tests.fake_clock import FakeClock
 
 SECRET = "s" * 40
 BOOTSTRAP_KEY = "ss_bootstrap_" + "B" * 40
 STORED_KEY = "ss_" + "K" * 43
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class RecordingLimiter:

@@ -16,20 +16,13 @@ from lib.resource_api.service import create_user
 from lib.resource_api.settings import ResourceApiSettings
 from lib.resource_api.throttle import BackoffPolicy, HashingSlots, LoginThrottle, ThrottledError
 from lib.sealed.keywrap import b64encode
+from tests.fake_clock import FakeClock
 
 READER = ("reader@example.com", "reader-password-123")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_backoff_grows_after_the_free_failures_and_a_success_clears_it() -> None:
-    clock = Clock()
+    clock = FakeClock()
     throttle = LoginThrottle(address_policy=BackoffPolicy(3, 1.0, 8.0),
                              account_policy=BackoffPolicy(100, 1.0, 8.0), clock=clock)
     for _ in range(3):  # three tries, then locked
@@ -54,7 +47,7 @@ def test_backoff_grows_after_the_free_failures_and_a_success_clears_it() -> None
 
 
 def test_an_account_is_locked_whatever_the_address_but_only_briefly() -> None:
-    clock = Clock()
+    clock = FakeClock()
     throttle = LoginThrottle(account_policy=BackoffPolicy(3, 1.0, 60.0), clock=clock)
     for n in range(3):
         throttle.failed("fleet@x", f"10.0.0.{n}")

@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lib.ttl_cache import TtlCache
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import FakeClock
 
 
 class Lookup:
@@ -25,8 +18,8 @@ class Lookup:
         return self.values.get(key)
 
 
-def make(values: dict[str, str], **kwargs: float) -> tuple[TtlCache[str, str], Lookup, Clock]:
-    lookup, clock = Lookup(values), Clock()
+def make(values: dict[str, str], **kwargs: float) -> tuple[TtlCache[str, str], Lookup, FakeClock]:
+    lookup, clock = Lookup(values), FakeClock(0.0)
     options = {"ttl_s": 5.0, "negative_ttl_s": 1.0, **kwargs}
     cache = TtlCache(lookup, clock=clock, **options)  # type: ignore[arg-type]
     return cache, lookup, clock
@@ -102,8 +95,8 @@ class FailingLookup(Lookup):
         return self.values.get(key)
 
 
-def stale_cache(grace_s: float) -> tuple[TtlCache[str, str], FailingLookup, Clock]:
-    lookup, clock = FailingLookup({"a": "A"}), Clock()
+def stale_cache(grace_s: float) -> tuple[TtlCache[str, str], FailingLookup, FakeClock]:
+    lookup, clock = FailingLookup({"a": "A"}), FakeClock(0.0)
     cache = TtlCache(lookup, ttl_s=5.0, negative_ttl_s=1.0, clock=clock, stale_grace_s=grace_s,
                      stale_on=(Down,))
     return cache, lookup, clock

@@ -25,7 +25,6 @@ from lib.accounts.records import UsageRecord
 from lib.accounts.store import AccountStore
 from lib.accounts.tables import USAGE_REQUEST_ID_INDEX, AccountsBase
 from lib.accounts.usage import UsageRecorder
-from tests.postgres_schema import temporary_schema
 
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,19 +37,6 @@ def usage(n: int, key: str = "k") -> UsageRecord:
 
 def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("*" + SEGMENT_SUFFIX))
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    with temporary_schema() as url:
-        yield url.render_as_string(hide_password=False)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'accounts.db'}"
-    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture
