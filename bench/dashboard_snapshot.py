@@ -23,7 +23,6 @@ import contextlib
 import math
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.processes import interrupt, write_serve_config
 from devservers.resource_api import free_port
 from devservers.stores import sealed_stores
 from lib.cli.publish import detect_kind
@@ -205,17 +204,12 @@ def run(seconds: float, every: float, window_s: float, out: Path) -> None:
             publish_model(demo / "tiny-sd", name="tiny-sd", folder=FOLDER, kind=detect_kind(demo / "tiny-sd"),
                           resources=ResourceClient(api.url, *PUBLISHER),
                           cdn=CdnClient(s3.config(BUCKET, direct=True)))
-            config = {
-                "http_options": {"host": "127.0.0.1", "port": 8000},
-                "applications": [{
-                    "name": "sealserve", "route_prefix": "/", "import_path": "deployments.app:build_app",
-                    "args": {"environment": "production", "model_dirs": [str(local)],
-                             "state_dir": str(work / "state"), "default_inference_steps": 2,
-                             "sealed": {"resource_api_url": api.url, "folder": FOLDER, "models": ["tiny-sd"],
-                                        "cache_dir": str(work / "cache")}},
-                }],
-            }
-            (work / "config.yaml").write_text(yaml.safe_dump(config))
+            write_serve_config(work / "config.yaml", {
+                "environment": "production", "model_dirs": [str(local)], "state_dir": str(work / "state"),
+                "default_inference_steps": 2,
+                "sealed": {"resource_api_url": api.url, "folder": FOLDER, "models": ["tiny-sd"],
+                           "cache_dir": str(work / "cache")},
+            })
             _serve_and_draw(work, seconds, every, window_s, out)
 
 
@@ -255,12 +249,7 @@ def _serve_and_draw(work: Path, seconds: float, every: float, window_s: float, o
         draw(scrapes, window_s, out)
         print(f"{len(scrapes)} scrapes of {metrics_url} over {seconds:.0f}s drawn into {out}")
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        interrupt(process)
         log.close()
 
 

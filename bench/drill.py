@@ -45,10 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 
 from bench.measures import process_label
-from bench.processes import Server, free_port
+from bench.processes import Server, free_port, write_serve_config
 from bench.report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,11 +306,8 @@ def running_service(database_kind: str, ready_timeout_s: float, prefix: str) -> 
     else:
         env.pop("DATABASE_URL", None)
         database["path"] = str(state / "sealserve.db")
-    config = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": 8000},
-              "applications": [{"name": APP, "route_prefix": "/", "import_path": "deployments.app:build_app",
-                                "args": {"environment": "production", "state_dir": str(state),
-                                         "model_dirs": [str(ROOT / "ai-models")]}}]}
-    (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
+    write_serve_config(workdir / "serve.yaml", {"environment": "production", "state_dir": str(state),
+                                                "model_dirs": [str(ROOT / "ai-models")]})
     port = free_port()
     server = Server("sealserve", [str(BIN / "sealserve"), "serve", "--config", str(workdir / "serve.yaml"),
                                   "--port", str(port)], workdir / "sealserve.log", cwd=ROOT, env=env)

@@ -28,7 +28,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
+import yaml
+
 from bench.measures import count_replicas, process_label
+from lib.cli.serve import BUILD_APP
 
 RAY_NAMES = ("raylet", "gcs_server", "haproxy")
 
@@ -166,6 +169,32 @@ def _wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float =
             return True
         time.sleep(step_s)
     return predicate()
+
+
+def write_serve_config(path: Path, args: dict[str, Any]) -> Path:
+    """A Serve config of sealserve alone, as ``serve_config.yaml`` has it, with these app args
+    (``sealserve serve --port`` chooses the port). Returns ``path``."""
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [
+            {"name": "sealserve", "route_prefix": "/", "import_path": BUILD_APP, "args": args},
+        ],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def interrupt(process: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+    """SIGINT, as Ctrl-C (``sealserve serve`` then stops Serve and its local Ray), and wait; after
+    ``timeout_s``, SIGKILL to its process group (it was started in a session of its own)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def cpu_seconds(processes: Sequence[Any]) -> float:

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from bench.processes import Server, describe, psutil
+from bench.processes import Server, describe, psutil, write_serve_config
 from tests.sealed_world import SealedWorld, find_copies, mark_unique, sealed_world
 from tests.serve_harness import TEST_API_KEY, free_port, wait_for, worker_environment
 
@@ -61,23 +60,12 @@ def port_is_free(port: int) -> bool:
 def start_serve(world: SealedWorld, workdir: Path, port: int) -> Server:
     models = workdir / "no-local-models"
     models.mkdir()
-    config = {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "sealserve",
-            "route_prefix": "/",
-            "import_path": "deployments.app:build_app",
-            "args": {
-                "environment": "production",
-                "model_dirs": [str(models)],
-                "state_dir": str(workdir / "state"),
-                "sealed": world.sealed_args([MODEL]),
-            },
-        }],
-    }
-    path = workdir / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_serve_config(workdir / "serve_config.yaml", {
+        "environment": "production",
+        "model_dirs": [str(models)],
+        "state_dir": str(workdir / "state"),
+        "sealed": world.sealed_args([MODEL]),
+    })
     env = {**os.environ, **worker_environment(), "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     return Server("sealserve", [str(SEALSERVE), "serve", "--config", str(path), "--port", str(port)],

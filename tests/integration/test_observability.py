@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,9 +22,9 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.processes import interrupt, write_serve_config
 from lib.accounts.auth import bootstrap_subject
 from lib.accounts.compute import CLASSIFY_COST, generation_cost
 from lib.models.imaging import encode_png
@@ -80,24 +79,13 @@ def service(
     # A copy: the catalog does not follow links out of MODEL_DIRS.
     shutil.copytree(demo_models_dir / LOCAL_MODEL, models / LOCAL_MODEL)
     state = work / "state"
-    config = {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": "127.0.0.1", "port": 8000},
-        "applications": [{
-            "name": "sealserve",
-            "route_prefix": "/",
-            "import_path": "deployments.app:build_app",
-            "args": {
-                "environment": "production",
-                "model_dirs": [str(models)],
-                "state_dir": str(state),
-                "default_inference_steps": 2,
-                "sealed": world.sealed_args([SEALED_MODEL]),
-            },
-        }],
-    }
-    config_path = work / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_serve_config(work / "serve_config.yaml", {
+        "environment": "production",
+        "model_dirs": [str(models)],
+        "state_dir": str(state),
+        "default_inference_steps": 2,
+        "sealed": world.sealed_args([SEALED_MODEL]),
+    })
     port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -120,7 +108,7 @@ def service(
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         yield Service(url, metrics_url, output, state / "logs", world.published[SEALED_MODEL], process)
     finally:
-        _stop(process)
+        interrupt(process)
 
 
 def _wait_for(ready: Callable[[], bool], process: subprocess.Popen[bytes], output: Path) -> None:
@@ -129,17 +117,6 @@ def _wait_for(ready: Callable[[], bool], process: subprocess.Popen[bytes], outpu
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"sealserve serve did not get ready:\n{output.read_text()[-4000:]}")
         time.sleep(1)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGINT, as Ctrl-C: serve run shuts Serve and its local Ray down; then the group, if left."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -272,7 +249,7 @@ def _json_lines(logs_dir: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def stopped(service: Service, traffic: dict[str, Any]) -> Service:
     """The service after a graceful stop (Ctrl-C): every log line is on disk."""
-    _stop(service.process)
+    interrupt(service.process)
     return service
 
 
